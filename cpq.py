@@ -1,0 +1,492 @@
+"""CPQ: Constraints Penalized Q-learning (Xu, Zhan, Zhu, AAAI 2022) for offline safe RL, in one file.
+
+    python cpq.py --env-id OfflineCarRun-v0
+
+Trains on a DSRL-format dataset and writes a checkpoint (format "o2o-safe-rl/1") that vpa.py and
+sac_lag_apid.py load strictly. Per gradient step on a batch (s, a, r, c, s', term):
+  1. VAE behaviour model of p(a|s), used to tell out-of-distribution (OOD) actions apart.
+  2. Cost critic: TD on c + γ(1−term)·Qc'(s', a'), minus α_c·mean Qc(s, a_ood): the penalty pushes the
+     cost estimate of OOD policy actions *up* (it carries gradient into Qc, unlike the OSRL code).
+  3. α_c by dual ascent so that mean Qc(s, a_ood) ≥ qc_thres.
+  4. Reward critic: TD on r + γ(1−term)·1[Qc'(s', a') ≤ q_thres]·min Q'(s', a').
+  5. Actor: maximise 1[Qc(s, ã) ≤ q_thres]·min Q(s, ã).
+  6. Polyak-average the target critics.
+"""
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Tuple
+
+os.environ.setdefault("DSRL_SUPPRESS_IMPORT_ERROR", "1")  # dsrl warns about suites we do not install
+import dsrl  # noqa: F401  (registers the Offline*-v0 environments)
+import gymnasium as gym
+import h5py
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    exp_name: str = "cpq"
+    """name of this experiment (part of the run name)"""
+    env_id: str = "OfflineCarRun-v0"
+    """DSRL environment id"""
+    seed: int = 0
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """set `torch.backends.cudnn.deterministic`"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    track: bool = False
+    """log to Weights and Biases (needs wandb installed and a login)"""
+    wandb_project_name: str = "o2o-safe-rl"
+    """wandb project name"""
+    dataset_path: Optional[str] = None
+    """DSRL-format HDF5 file; default: DSRL cache, then datasets/<env-id>.hdf5, then download"""
+    save_path: Optional[str] = None
+    """checkpoint path (default runs/<run-name>/cpq.pt); the last step is saved beside it as *_last.pt"""
+    cost_limit: float = 20.0
+    """episode cost limit d (undiscounted sum of per-step costs)"""
+    total_steps: int = 100_000
+    """gradient steps"""
+    batch_size: int = 512
+    """minibatch size"""
+    eval_every: int = 5_000
+    """evaluate (and maybe keep as best) every this many steps"""
+    eval_episodes: int = 10
+    """deterministic evaluation episodes"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target-network Polyak rate"""
+    reward_scale: float = 0.1
+    """rewards are multiplied by this in training (returns are reported unscaled)"""
+    hidden_sizes: Tuple[int, ...] = (256, 256)
+    """hidden layers of actor and critics"""
+    actor_lr: float = 1e-4
+    """actor learning rate"""
+    critic_lr: float = 1e-3
+    """reward and cost critic learning rate"""
+    vae_lr: float = 1e-3
+    """VAE learning rate"""
+    alpha_lr: float = 1e-4
+    """learning rate of log α_c (OOD cost-penalty weight)"""
+    vae_hidden: int = 400
+    """VAE hidden width (two layers each in encoder and decoder)"""
+    kl_weight: float = 0.5
+    """β_kl of the VAE loss"""
+    num_ood_samples: int = 10
+    """policy actions sampled per state for the OOD penalty"""
+    ood_quantile: float = 0.75
+    """an action is OOD when its VAE KL is at or above this quantile of the batch"""
+    qc_thres_factor: float = 1.5
+    """qc_thres = factor · q_thres"""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dataset: find a DSRL-format HDF5 file, then load and validate it.
+DSRL_MIRROR = "https://huggingface.co/datasets/YYY-45/DSRL/resolve/main/"
+DSRL_KEYS = ("observations", "next_observations", "actions", "rewards", "costs", "terminals", "timeouts")
+
+
+class InputError(Exception):
+    """Bad input (dataset, checkpoint, flag): reported as one line and a non-zero exit, no traceback."""
+
+
+def download_file(url: str, dest: str, timeout: float = 30.0) -> None:
+    part = dest + ".part"  # never leave a half-written file under the final name
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
+        shutil.copyfileobj(response, f)
+    os.replace(part, dest)
+
+
+def find_dataset(env_id: str, dataset_url: str, dataset_path: Optional[str] = None,
+                 download: Callable[[str, str], None] = download_file) -> str:
+    """--dataset-path → DSRL cache → bundled datasets/<env-id>.hdf5 → download (DSRL, then HF mirror)."""
+    if dataset_path is not None:
+        if not os.path.isfile(dataset_path):
+            raise InputError(f"--dataset-path {dataset_path}: no such file")
+        return dataset_path
+    name = os.path.basename(dataset_url)
+    cache_dir = os.environ.get("DSRL_DATASET_DIR", os.path.expanduser("~/.dsrl/datasets"))
+    cached = os.path.join(cache_dir, name)
+    bundled = os.path.join(os.path.dirname(os.path.abspath(__file__)), "datasets", f"{env_id}.hdf5")
+    if os.path.isfile(cached):
+        return cached
+    if os.path.isfile(bundled):
+        print(f"dataset: {bundled} (this project's locally collected data, not DSRL's)")
+        return bundled
+    tried = [cached, bundled]
+    for url in (dataset_url, DSRL_MIRROR + name):
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            download(url, cached)
+            return cached
+        except Exception as e:  # any network/file failure: try the next source, report all at the end
+            tried.append(f"{url} ({type(e).__name__})")
+    raise InputError(f"no dataset for {env_id}; tried {', '.join(tried)}. Place the file at {cached} (or pass "
+                     f"--dataset-path), or make one: python benchmark/collect_dataset.py --env-id {env_id}")
+
+
+def load_dataset(path: str, obs_dim: int, act_dim: int) -> dict:
+    """Read the seven DSRL keys and check shapes against the env, dtypes and finiteness."""
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in DSRL_KEYS if k not in f]
+            if missing:
+                raise InputError(f"{path}: missing keys {missing}")
+            data = {k: f[k][()] for k in DSRL_KEYS}
+    except OSError as e:
+        raise InputError(f"{path}: not a readable HDF5 file ({e})") from None
+    n = len(data["observations"])
+    widths = {"observations": obs_dim, "next_observations": obs_dim, "actions": act_dim}
+    for k, v in data.items():
+        if k not in widths and v.ndim == 2 and v.shape[1] == 1:
+            v = data[k] = v[:, 0]  # DSRL tolerates (N, 1) for scalar keys
+        expected = (n, widths[k]) if k in widths else (n,)
+        if n == 0 or v.shape != expected:
+            raise InputError(f"{path}: '{k}' has shape {v.shape}, expected {expected} for this env")
+        if k in ("terminals", "timeouts"):
+            if not (v.dtype == np.bool_ or np.isin(v, (0, 1)).all()):
+                raise InputError(f"{path}: '{k}' must be boolean (0/1), got dtype {v.dtype}")
+        elif not np.issubdtype(v.dtype, np.floating):
+            raise InputError(f"{path}: '{k}' must be floating point, got dtype {v.dtype}")
+        elif not np.isfinite(v).all():
+            raise InputError(f"{path}: '{k}' has {int((~np.isfinite(v)).sum())} non-finite values")
+    return {k: v.astype(np.float32) for k, v in data.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Environment and evaluation.
+def make_env(env_id: str, seed: int) -> gym.Env:
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as e:
+        raise InputError(f"--env-id {env_id}: {e}") from None
+    env.action_space.seed(seed)  # Bullet ignores reset(seed=...); its reset noise comes from np.random
+    return env
+
+
+@torch.no_grad()
+def evaluate(actor: nn.Module, env: gym.Env, episodes: int, cost_limit: float, device: torch.device) -> dict:
+    """Deterministic episodes; raw and DSRL-normalised return and cost (means over episodes)."""
+    returns, costs = [], []
+    for _ in range(episodes):
+        obs, _ = env.reset()
+        done, ep_ret, ep_cost = False, 0.0, 0.0
+        while not done:
+            action, _ = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None], deterministic=True)
+            obs, reward, terminated, truncated, info = env.step(action[0].cpu().numpy())
+            ep_ret, ep_cost, done = ep_ret + reward, ep_cost + info["cost"], terminated or truncated
+        returns.append(ep_ret)
+        costs.append(ep_cost)
+    env.unwrapped.set_target_cost(cost_limit)
+    norm_ret, norm_cost = env.unwrapped.get_normalized_score(np.mean(returns), np.mean(costs))
+    return {"return": float(np.mean(returns)), "cost": float(np.mean(costs)),
+            "normalized_return": float(norm_ret), "normalized_cost": float(norm_cost)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Networks shared by every file (identical copies, so checkpoints move between files with strict loading).
+def mlp(sizes, activate_last: bool = False) -> nn.Sequential:
+    layers = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if i < len(sizes) - 2 or activate_last:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class Actor(nn.Module):
+    """Tanh-squashed Gaussian policy a = tanh(u), u ~ N(μ(s), σ(s)); actions in [-1, 1]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: Tuple[int, ...]):
+        super().__init__()
+        self.trunk = mlp([obs_dim, *hidden_sizes], activate_last=True)
+        self.mu = nn.Linear(hidden_sizes[-1], act_dim)
+        self.log_std = nn.Linear(hidden_sizes[-1], act_dim)
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = False):
+        """Returns (action, log π(action|s)); log-prob is None for the deterministic action tanh(μ)."""
+        h = self.trunk(obs)
+        mu, log_std = self.mu(h), self.log_std(h).clamp(-20.0, 2.0)
+        if deterministic:
+            return torch.tanh(mu), None
+        u = mu + log_std.exp() * torch.randn_like(mu)
+        # log π(a|s) = log N(u; μ, σ) − Σ log(1 − tanh²u); the last term in its stable form 2(log2 − u − softplus(−2u))
+        log_prob = (-0.5 * ((u - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_prob = log_prob - (2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))).sum(-1)
+        return torch.tanh(u), log_prob
+
+
+class QEnsemble(nn.Module):
+    """`num_q` independent Q(s, a) MLPs with stacked weights, evaluated by one batched matmul per layer.
+    forward(obs (B, O), act (B, A)) -> (num_q, B)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: Tuple[int, ...], num_q: int):
+        super().__init__()
+        sizes = [obs_dim + act_dim, *hidden_sizes, 1]
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default initialisation, per member
+            self.weights.append(nn.Parameter(torch.empty(num_q, fan_in, fan_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(num_q, 1, fan_out).uniform_(-bound, bound)))
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, act], -1).expand(len(self.weights[0]), -1, -1)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(b, x, w)
+            if i < len(self.weights) - 1:
+                x = F.relu(x)
+        return x.squeeze(-1)
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: a dict of tensors and plain values, loadable with torch.load(path, weights_only=True).
+CHECKPOINT_FORMAT = "o2o-safe-rl/1"
+
+
+def save_checkpoint(path: str, checkpoint: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
+
+
+def load_checkpoint(path: str, env_id: str, obs_dim: int, act_dim: int, hidden_sizes: Tuple[int, ...]) -> dict:
+    """Load and check that the checkpoint belongs to this env and architecture (refuse, never drop weights)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path}: not an {CHECKPOINT_FORMAT} checkpoint")
+    found = (ckpt["env_id"], ckpt["obs_dim"], ckpt["act_dim"], tuple(ckpt["hidden_sizes"]))
+    if found != (env_id, obs_dim, act_dim, tuple(hidden_sizes)):
+        raise InputError(f"{path}: checkpoint is for (env, obs_dim, act_dim, hidden_sizes)={found}, "
+                         f"this run needs {(env_id, obs_dim, act_dim, tuple(hidden_sizes))}")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CPQ.
+def episode_q_threshold(cost_limit: float, gamma: float, horizon: int) -> float:
+    """Per-step Q budget of an episode budget d spread evenly over T steps: d·(1−γ^T)/((1−γ)·T)."""
+    return cost_limit * (1 - gamma ** horizon) / ((1 - gamma) * horizon)
+
+
+class VAE(nn.Module):
+    """State-conditional VAE of the behaviour policy (BCQ style); its encoder's KL scores how OOD an action is."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.latent_dim = 2 * act_dim
+        self.encoder = mlp([obs_dim + act_dim, hidden, hidden], activate_last=True)
+        self.z_mean, self.z_log_std = nn.Linear(hidden, self.latent_dim), nn.Linear(hidden, self.latent_dim)
+        self.decoder = mlp([obs_dim + self.latent_dim, hidden, hidden, act_dim])
+
+    def encode(self, obs, act):
+        h = self.encoder(torch.cat([obs, act], -1))
+        return self.z_mean(h), self.z_log_std(h).clamp(-4.0, 15.0)
+
+    def decode(self, obs, z=None):
+        if z is None:  # prior sample, clipped as in BCQ so decoded actions stay near the data
+            z = torch.randn(*obs.shape[:-1], self.latent_dim, device=obs.device).clamp(-0.5, 0.5)
+        return torch.tanh(self.decoder(torch.cat([obs, z], -1)))
+
+    @staticmethod
+    def _kl(mean, log_std):
+        """KL(N(mean, σ²) ‖ N(0, I)) per sample."""
+        return 0.5 * (mean.pow(2) + (2 * log_std).exp() - 2 * log_std - 1).sum(-1)
+
+    def kl(self, obs, act):
+        return self._kl(*self.encode(obs, act))
+
+    def loss(self, obs, act):
+        """(reconstruction MSE, mean KL) of the ELBO."""
+        mean, log_std = self.encode(obs, act)
+        recon = self.decode(obs, mean + log_std.exp() * torch.randn_like(mean))
+        return F.mse_loss(recon, act), self._kl(mean, log_std).mean()
+
+
+class CPQ(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, q_thres: float):
+        super().__init__()
+        self.args, self.q_thres, self.qc_thres = args, q_thres, args.qc_thres_factor * q_thres
+        self.actor = Actor(obs_dim, act_dim, args.hidden_sizes)
+        self.critic = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=2)
+        self.cost_critic = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=1)
+        self.critic_target = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=2)
+        self.cost_critic_target = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=1)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.cost_critic_target.load_state_dict(self.cost_critic.state_dict())
+        self.vae = VAE(obs_dim, act_dim, args.vae_hidden)
+        self.log_alpha_c = nn.Parameter(torch.zeros(()))
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr)
+        self.cost_critic_opt = torch.optim.Adam(self.cost_critic.parameters(), lr=args.critic_lr)
+        self.vae_opt = torch.optim.Adam(self.vae.parameters(), lr=args.vae_lr)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha_c], lr=args.alpha_lr)
+
+    def cost_critic_loss(self, obs, act, cost, next_obs, term, next_act):
+        """L_c = MSE(Qc(s,a), y_c) − α_c·mean Qc(s, a_ood); returns (loss, mean Qc(s, a_ood) detached)."""
+        args = self.args
+        with torch.no_grad():
+            y_c = cost + args.gamma * (1 - term) * self.cost_critic_target(next_obs, next_act)[0]
+            # N policy actions per state; OOD = VAE KL at or above the batch quantile
+            obs_rep = obs.repeat_interleave(args.num_ood_samples, 0)
+            act_pi, _ = self.actor(obs_rep)
+            kl = self.vae.kl(obs_rep, act_pi)
+            ood = (kl >= torch.quantile(kl, args.ood_quantile)).float()
+        qc_ood = (self.cost_critic(obs_rep, act_pi)[0] * ood).sum() / ood.sum()
+        td = F.mse_loss(self.cost_critic(obs, act)[0], y_c)
+        return td - self.log_alpha_c.exp().detach() * qc_ood, td, qc_ood.detach()
+
+    def update(self, obs, act, reward, cost, next_obs, term) -> dict:
+        args = self.args
+        # 1. behaviour VAE
+        recon, kl = self.vae.loss(obs, act)
+        vae_loss = recon + args.kl_weight * kl
+        self.vae_opt.zero_grad(set_to_none=True)
+        vae_loss.backward()
+        self.vae_opt.step()
+
+        # 2. cost critic with the OOD penalty (gradient flows into Qc through qc_ood)
+        with torch.no_grad():
+            next_act, _ = self.actor(next_obs)
+        cost_loss, cost_td, qc_ood = self.cost_critic_loss(obs, act, cost, next_obs, term, next_act)
+        self.cost_critic_opt.zero_grad(set_to_none=True)
+        cost_loss.backward()
+        self.cost_critic_opt.step()
+
+        # 3. dual ascent on log α_c: raise α_c while mean Qc(s, a_ood) < qc_thres
+        alpha_loss = self.log_alpha_c * (qc_ood - self.qc_thres)
+        self.alpha_opt.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_opt.step()
+        with torch.no_grad():
+            self.log_alpha_c.clamp_(-5.0, 5.0)
+
+        # 4. reward critic: bootstrap only through next actions the cost critic deems safe
+        with torch.no_grad():
+            safe_next = (self.cost_critic_target(next_obs, next_act)[0] <= self.q_thres).float()
+            y = reward + args.gamma * (1 - term) * safe_next * self.critic_target(next_obs, next_act).min(0).values
+        critic_loss = F.mse_loss(self.critic(obs, act), y.expand(2, -1), reduction="none").mean(1).sum()
+        self.critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_opt.step()
+
+        # 5. actor: maximise the reward value where the cost value is within budget
+        act_pi, _ = self.actor(obs)
+        safe = (self.cost_critic(obs, act_pi)[0] <= self.q_thres).float().detach()
+        actor_loss = -(safe * self.critic(obs, act_pi).min(0).values).mean()
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_opt.step()
+
+        # 6. targets
+        soft_update(self.critic_target, self.critic, args.tau)
+        soft_update(self.cost_critic_target, self.cost_critic, args.tau)
+        return {"losses/vae": vae_loss.detach(), "losses/cost_critic_td": cost_td.detach(),
+                "losses/qc_ood": qc_ood, "losses/alpha_c": self.log_alpha_c.detach().exp(),
+                "losses/critic": critic_loss.detach(), "losses/actor": actor_loss.detach(),
+                "losses/safe_fraction": safe.mean()}
+
+    def checkpoint(self, args: Args, env_id: str, obs_dim: int, act_dim: int, step: int) -> dict:
+        return {"algo": "cpq", "env_id": env_id, "obs_dim": obs_dim, "act_dim": act_dim,
+                "hidden_sizes": list(args.hidden_sizes), "reward_scale": args.reward_scale,
+                "cost_limit": args.cost_limit, "step": step,
+                "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
+                "critic_target": self.critic_target.state_dict(), "cost_critic": self.cost_critic.state_dict(),
+                "cost_critic_target": self.cost_critic_target.state_dict(),
+                "vae": self.vae.state_dict(), "log_alpha_c": self.log_alpha_c.detach().clone(),
+                "lagrange": None, "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(args).items()}}
+
+
+def is_better(result: dict, best: Optional[dict]) -> bool:
+    """Threshold-aware selection: among safe evaluations (normalised cost ≤ 1) the highest return; a safe one
+    beats any unsafe one; among unsafe ones the lowest cost."""
+    if best is None:
+        return True
+    safe, best_safe = result["normalized_cost"] <= 1, best["normalized_cost"] <= 1
+    if safe != best_safe:
+        return safe
+    return result["return"] > best["return"] if safe else result["cost"] < best["cost"]
+
+
+def main(args: Args) -> dict:
+    if args.total_steps < 1 or args.batch_size < 1 or args.eval_every < 1 or args.eval_episodes < 1:
+        raise InputError("--total-steps, --batch-size, --eval-every and --eval-episodes must be >= 1")
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    save_path = args.save_path or os.path.join("runs", run_name, "cpq.pt")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    env = make_env(args.env_id, args.seed)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    path = find_dataset(args.env_id, env.unwrapped.dataset_url, args.dataset_path)
+    data = {k: torch.as_tensor(v, device=device) for k, v in load_dataset(path, obs_dim, act_dim).items()}
+    data["rewards"] = data["rewards"] * args.reward_scale
+    num_transitions = len(data["observations"])
+    q_thres = episode_q_threshold(args.cost_limit, args.gamma, env.spec.max_episode_steps)
+    print(f"{args.env_id}: {num_transitions} transitions from {path}; q_thres={q_thres:.3f} on {device}")
+
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name)
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+
+    agent = CPQ(obs_dim, act_dim, args, q_thres).to(device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    best, last_eval, start = None, None, time.time()
+    progress = tqdm(range(1, args.total_steps + 1), desc="cpq", dynamic_ncols=True)
+    for step in progress:
+        idx = torch.randint(num_transitions, (args.batch_size,), device=device, generator=generator)
+        info = agent.update(data["observations"][idx], data["actions"][idx], data["rewards"][idx],
+                            data["costs"][idx], data["next_observations"][idx], data["terminals"][idx])
+        if step % 100 == 0:  # one host sync per 100 steps
+            for tag, value in zip(info, torch.stack(list(info.values())).tolist()):
+                writer.add_scalar(tag, value, step)
+            writer.add_scalar("charts/SPS", step / (time.time() - start), step)
+        if step % args.eval_every == 0 or step == args.total_steps:
+            last_eval = evaluate(agent.actor, env, args.eval_episodes, args.cost_limit, device)
+            for k, v in last_eval.items():
+                writer.add_scalar(f"eval/{k}", v, step)
+            progress.set_postfix(ret=f"{last_eval['return']:.1f}", cost=f"{last_eval['cost']:.1f}")
+            ckpt = agent.checkpoint(args, args.env_id, obs_dim, act_dim, step)
+            if is_better(last_eval, best):
+                best = {**last_eval, "step": step}
+                save_checkpoint(save_path, {**ckpt, "eval": best})
+    save_checkpoint(save_path.removesuffix(".pt") + "_last.pt", {**ckpt, "eval": {**last_eval, "step": step}})
+    writer.close()
+    print(f"\n{'':14}{'step':>8}{'return':>10}{'cost':>8}{'norm ret':>10}{'norm cost':>10}")
+    for name, r in (("last", {**last_eval, "step": step}), ("best (saved)", best)):
+        print(f"{name:14}{r['step']:>8}{r['return']:>10.1f}{r['cost']:>8.1f}{r['normalized_return']:>10.3f}"
+              f"{r['normalized_cost']:>10.3f}")
+    print(f"checkpoint: {save_path}   wall time: {time.time() - start:.0f}s")
+    return best
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except InputError as e:
+        sys.exit(f"cpq.py: error: {e}")

@@ -1,0 +1,642 @@
+"""SAC-Lagrangian with an adaptive PID Lagrange multiplier (aPID, Marvel §3.2): online safe RL in one file.
+
+    python sac_lag_apid.py --env-id OfflineCarRun-v0 --init scratch              # From Scratch
+    python sac_lag_apid.py --env-id OfflineCarRun-v0 --init runs/.../cpq.pt      # Warm Start (offline checkpoint)
+    python sac_lag_apid.py --env-id OfflineCarRun-v0 --init runs/.../vpa.pt      # Marvel (VPA-aligned checkpoint)
+
+Each iteration k: collect `episodes_per_iter` stochastic episodes, feed their mean episode cost J_k to the λ
+controller once, then take `updates_per_iter` gradient steps on minibatches from the online replay buffer:
+    y   = r + γ(1−term)·( min Q'(s', a') − α·log π(a'|s') ),   a' ~ π(s')
+    y_c = c + γ(1−term)·Qc'(s', a')                            (no entropy in the cost target)
+    L_π = mean( α·log π(ã|s) − min Q(s, ã) + λ·Qc(s, ã) ),    ã ~ π(s), online critics
+λ comes from `--lagrangian`: apid (adaptive gains), pid (fixed gains), dual (projected gradient ascent) or fixed.
+"""
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import urllib.request
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Callable, Literal, Optional, Tuple
+
+os.environ.setdefault("DSRL_SUPPRESS_IMPORT_ERROR", "1")  # dsrl warns about suites we do not install
+import dsrl  # noqa: F401  (registers the Offline*-v0 environments)
+import gymnasium as gym
+import h5py
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    exp_name: str = "sac_lag_apid"
+    """name of this experiment (part of the run name)"""
+    env_id: str = "OfflineCarRun-v0"
+    """DSRL environment id"""
+    seed: int = 0
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """set `torch.backends.cudnn.deterministic`"""
+    cuda: bool = True
+    """use CUDA when it is available"""
+    track: bool = False
+    """log to Weights and Biases (needs wandb installed and a login)"""
+    wandb_project_name: str = "o2o-safe-rl"
+    """wandb project name"""
+    init: str = "scratch"
+    """`scratch`, or a checkpoint (cpq.py, bear_lag.py, vpa.py) whose actor and critics start the run"""
+    dataset_path: Optional[str] = None
+    """DSRL-format dataset, only read when --offline-ratio > 0"""
+    save_path: Optional[str] = None
+    """final checkpoint (default runs/<run-name>/sac_lag.pt)"""
+    cost_limit: float = 20.0
+    """episode cost limit d"""
+    online_episodes: Optional[int] = None
+    """online episodes (default per env: Ball*/Car* 500, DroneCircle 1000, others 5000)"""
+    episodes_per_iter: int = 5
+    """stochastic episodes collected per iteration (the λ controller sees their mean cost)"""
+    updates_per_iter: int = 20
+    """gradient steps per iteration (paper: 20; a standard SAC schedule is one per env step)"""
+    batch_size: int = 64
+    """minibatch size"""
+    eval_every: int = 100
+    """evaluate every this many online episodes"""
+    eval_episodes: int = 10
+    """deterministic evaluation episodes, in a separate env"""
+    lagrangian: Literal["apid", "pid", "dual", "fixed"] = "apid"
+    """λ rule: adaptive PID, PID with fixed gains, dual ascent, or a constant"""
+    lagrangian_init: float = 0.0
+    """initial λ (the value used throughout with `fixed`)"""
+    kp: float = 0.05
+    """K_p⁰, proportional gain (λ per unit of episode cost over the limit)"""
+    ki: float = 0.01
+    """K_i⁰, integral gain"""
+    kd: float = 0.01
+    """K_d⁰, derivative gain"""
+    pid_delay: int = 10
+    """length of the history H used by the lagged derivative and the gain adaptation"""
+    pid_ema: float = 0.9
+    """ρ, EMA factor of the proportional term and the smoothed cost"""
+    adapt_rates: Tuple[float, float, float] = (0.05, 0.05, 0.05)
+    """a_p, a_i, a_d: gain adaptation rates of aPID"""
+    dual_lr: float = 0.01
+    """step size of `dual`: λ ← max(0, λ + lr·(J − d))"""
+    actor_lr: Optional[float] = None
+    """actor learning rate (default per env, ALGORITHMS.md)"""
+    critic_lr: Optional[float] = None
+    """reward critic learning rate (default per env)"""
+    cost_critic_lr: Optional[float] = None
+    """cost critic learning rate (default per env)"""
+    alpha: Optional[float] = None
+    """entropy coefficient α (default per env; the initial value with --autotune)"""
+    autotune: bool = False
+    """learn α towards the target entropy −|A|"""
+    alpha_lr: float = 3e-4
+    """learning rate of log α with --autotune"""
+    offline_ratio: float = 0.0
+    """fraction of each minibatch drawn from the offline dataset (0: online buffer only, as in the paper)"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target-network Polyak rate"""
+    reward_scale: float = 0.1
+    """rewards are multiplied by this in training (returns are reported unscaled)"""
+    hidden_sizes: Tuple[int, ...] = (256, 256)
+    """hidden layers of actor and critics (a checkpoint must match)"""
+
+
+# Per-env defaults of the official Marvel configuration: (actor lr, critic lr, cost critic lr, α, online episodes).
+ENV_DEFAULTS = {
+    "OfflineBallCircle-v0": (5e-5, 5e-3, 5e-3, 1e-3, 500), "OfflineBallRun-v0": (1e-5, 5e-3, 5e-3, 1e-3, 500),
+    "OfflineCarCircle-v0": (5e-4, 5e-3, 8e-3, 1e-3, 500), "OfflineCarRun-v0": (5e-5, 5e-3, 8e-3, 5e-3, 500),
+    "OfflineDroneCircle-v0": (5e-6, 8e-4, 2e-3, 5e-3, 1000), "OfflineDroneRun-v0": (2e-6, 8e-3, 5e-3, 1e-3, 5000),
+    "OfflineAntCircle-v0": (5e-5, 5e-4, 8e-4, 5e-5, 5000), "OfflineAntRun-v0": (5e-5, 2e-3, 5e-3, 1e-4, 5000),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dataset: find a DSRL-format HDF5 file, then load and validate it.
+DSRL_MIRROR = "https://huggingface.co/datasets/YYY-45/DSRL/resolve/main/"
+DSRL_KEYS = ("observations", "next_observations", "actions", "rewards", "costs", "terminals", "timeouts")
+
+
+class InputError(Exception):
+    """Bad input (dataset, checkpoint, flag): reported as one line and a non-zero exit, no traceback."""
+
+
+def download_file(url: str, dest: str, timeout: float = 30.0) -> None:
+    part = dest + ".part"  # never leave a half-written file under the final name
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
+        shutil.copyfileobj(response, f)
+    os.replace(part, dest)
+
+
+def find_dataset(env_id: str, dataset_url: str, dataset_path: Optional[str] = None,
+                 download: Callable[[str, str], None] = download_file) -> str:
+    """--dataset-path → DSRL cache → bundled datasets/<env-id>.hdf5 → download (DSRL, then HF mirror)."""
+    if dataset_path is not None:
+        if not os.path.isfile(dataset_path):
+            raise InputError(f"--dataset-path {dataset_path}: no such file")
+        return dataset_path
+    name = os.path.basename(dataset_url)
+    cache_dir = os.environ.get("DSRL_DATASET_DIR", os.path.expanduser("~/.dsrl/datasets"))
+    cached = os.path.join(cache_dir, name)
+    bundled = os.path.join(os.path.dirname(os.path.abspath(__file__)), "datasets", f"{env_id}.hdf5")
+    if os.path.isfile(cached):
+        return cached
+    if os.path.isfile(bundled):
+        print(f"dataset: {bundled} (this project's locally collected data, not DSRL's)")
+        return bundled
+    tried = [cached, bundled]
+    for url in (dataset_url, DSRL_MIRROR + name):
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            download(url, cached)
+            return cached
+        except Exception as e:  # any network/file failure: try the next source, report all at the end
+            tried.append(f"{url} ({type(e).__name__})")
+    raise InputError(f"no dataset for {env_id}; tried {', '.join(tried)}. Place the file at {cached} (or pass "
+                     f"--dataset-path), or make one: python benchmark/collect_dataset.py --env-id {env_id}")
+
+
+def load_dataset(path: str, obs_dim: int, act_dim: int) -> dict:
+    """Read the seven DSRL keys and check shapes against the env, dtypes and finiteness."""
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in DSRL_KEYS if k not in f]
+            if missing:
+                raise InputError(f"{path}: missing keys {missing}")
+            data = {k: f[k][()] for k in DSRL_KEYS}
+    except OSError as e:
+        raise InputError(f"{path}: not a readable HDF5 file ({e})") from None
+    n = len(data["observations"])
+    widths = {"observations": obs_dim, "next_observations": obs_dim, "actions": act_dim}
+    for k, v in data.items():
+        if k not in widths and v.ndim == 2 and v.shape[1] == 1:
+            v = data[k] = v[:, 0]  # DSRL tolerates (N, 1) for scalar keys
+        expected = (n, widths[k]) if k in widths else (n,)
+        if n == 0 or v.shape != expected:
+            raise InputError(f"{path}: '{k}' has shape {v.shape}, expected {expected} for this env")
+        if k in ("terminals", "timeouts"):
+            if not (v.dtype == np.bool_ or np.isin(v, (0, 1)).all()):
+                raise InputError(f"{path}: '{k}' must be boolean (0/1), got dtype {v.dtype}")
+        elif not np.issubdtype(v.dtype, np.floating):
+            raise InputError(f"{path}: '{k}' must be floating point, got dtype {v.dtype}")
+        elif not np.isfinite(v).all():
+            raise InputError(f"{path}: '{k}' has {int((~np.isfinite(v)).sum())} non-finite values")
+    return {k: v.astype(np.float32) for k, v in data.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Environment and evaluation.
+def make_env(env_id: str, seed: int) -> gym.Env:
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as e:
+        raise InputError(f"--env-id {env_id}: {e}") from None
+    env.action_space.seed(seed)  # Bullet ignores reset(seed=...); its reset noise comes from np.random
+    return env
+
+
+@torch.no_grad()
+def evaluate(actor: nn.Module, env: gym.Env, episodes: int, cost_limit: float, device: torch.device) -> dict:
+    """Deterministic episodes; raw and DSRL-normalised return and cost (means over episodes)."""
+    returns, costs = [], []
+    for _ in range(episodes):
+        obs, _ = env.reset()
+        done, ep_ret, ep_cost = False, 0.0, 0.0
+        while not done:
+            action, _ = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None], deterministic=True)
+            obs, reward, terminated, truncated, info = env.step(action[0].cpu().numpy())
+            ep_ret, ep_cost, done = ep_ret + reward, ep_cost + info["cost"], terminated or truncated
+        returns.append(ep_ret)
+        costs.append(ep_cost)
+    env.unwrapped.set_target_cost(cost_limit)
+    norm_ret, norm_cost = env.unwrapped.get_normalized_score(np.mean(returns), np.mean(costs))
+    return {"return": float(np.mean(returns)), "cost": float(np.mean(costs)),
+            "normalized_return": float(norm_ret), "normalized_cost": float(norm_cost)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Networks shared by every file (identical copies, so checkpoints move between files with strict loading).
+def mlp(sizes, activate_last: bool = False) -> nn.Sequential:
+    layers = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if i < len(sizes) - 2 or activate_last:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class Actor(nn.Module):
+    """Tanh-squashed Gaussian policy a = tanh(u), u ~ N(μ(s), σ(s)); actions in [-1, 1]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: Tuple[int, ...]):
+        super().__init__()
+        self.trunk = mlp([obs_dim, *hidden_sizes], activate_last=True)
+        self.mu = nn.Linear(hidden_sizes[-1], act_dim)
+        self.log_std = nn.Linear(hidden_sizes[-1], act_dim)
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = False):
+        """Returns (action, log π(action|s)); log-prob is None for the deterministic action tanh(μ)."""
+        h = self.trunk(obs)
+        mu, log_std = self.mu(h), self.log_std(h).clamp(-20.0, 2.0)
+        if deterministic:
+            return torch.tanh(mu), None
+        u = mu + log_std.exp() * torch.randn_like(mu)
+        # log π(a|s) = log N(u; μ, σ) − Σ log(1 − tanh²u); the last term in its stable form 2(log2 − u − softplus(−2u))
+        log_prob = (-0.5 * ((u - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_prob = log_prob - (2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))).sum(-1)
+        return torch.tanh(u), log_prob
+
+
+class QEnsemble(nn.Module):
+    """`num_q` independent Q(s, a) MLPs with stacked weights, evaluated by one batched matmul per layer.
+    forward(obs (B, O), act (B, A)) -> (num_q, B)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: Tuple[int, ...], num_q: int):
+        super().__init__()
+        sizes = [obs_dim + act_dim, *hidden_sizes, 1]
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default initialisation, per member
+            self.weights.append(nn.Parameter(torch.empty(num_q, fan_in, fan_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(num_q, 1, fan_out).uniform_(-bound, bound)))
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, act], -1).expand(len(self.weights[0]), -1, -1)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(b, x, w)
+            if i < len(self.weights) - 1:
+                x = F.relu(x)
+        return x.squeeze(-1)
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: a dict of tensors and plain values, loadable with torch.load(path, weights_only=True).
+CHECKPOINT_FORMAT = "o2o-safe-rl/1"
+
+
+def save_checkpoint(path: str, checkpoint: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
+
+
+def load_checkpoint(path: str, env_id: str, obs_dim: int, act_dim: int, hidden_sizes: Tuple[int, ...]) -> dict:
+    """Load and check that the checkpoint belongs to this env and architecture (refuse, never drop weights)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path}: not an {CHECKPOINT_FORMAT} checkpoint")
+    found = (ckpt["env_id"], ckpt["obs_dim"], ckpt["act_dim"], tuple(ckpt["hidden_sizes"]))
+    if found != (env_id, obs_dim, act_dim, tuple(hidden_sizes)):
+        raise InputError(f"{path}: checkpoint is for (env, obs_dim, act_dim, hidden_sizes)={found}, "
+                         f"this run needs {(env_id, obs_dim, act_dim, tuple(hidden_sizes))}")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Lagrange multiplier controllers: update(J) once per iteration with J = mean episode cost of its episodes.
+class AdaptivePIDLagrangian:
+    """aPID (Marvel §3.2). With adaptive=False it is the fixed-gain PID Lagrangian.
+        e = J − d;  I ← max(0, I + K_i·e);  p ← ρp + (1−ρ)e;  c̄ ← ρc̄ + (1−ρ)J;  D = max(0, c̄ − H[oldest])
+        λ = max(0, K_p·p + I + K_d·D);  then H.append(c̄) and, with c̃ = mean(H) + 0.1, σ = std(H):
+        K_p ← K_p·max(0, 1 + a_p(c̃ − d)/c̃),  K_i ← K_i·max(0, 1 + a_i(c̃ − d)/c̃),  K_d ← K_d·(1 + a_d·σ/c̃),
+        each clipped to [K⁰/10, 10·K⁰]: gains grow while costs run above the limit and shrink below it."""
+
+    def __init__(self, cost_limit: float, kp: float, ki: float, kd: float, delay: int = 10, ema: float = 0.9,
+                 adapt_rates: Tuple[float, float, float] = (0.05, 0.05, 0.05), adaptive: bool = True):
+        self.cost_limit, self.ema, self.adapt_rates, self.adaptive = cost_limit, ema, tuple(adapt_rates), adaptive
+        self.gains0 = (kp, ki, kd)
+        self.kp, self.ki, self.kd = kp, ki, kd
+        self.integral = self.proportional = self.smoothed_cost = self.lam = 0.0
+        self.history = deque([0.0], maxlen=delay)
+
+    def update(self, episode_cost: float) -> float:
+        error = episode_cost - self.cost_limit
+        self.integral = max(0.0, self.integral + self.ki * error)
+        self.proportional = self.ema * self.proportional + (1 - self.ema) * error
+        self.smoothed_cost = self.ema * self.smoothed_cost + (1 - self.ema) * episode_cost
+        derivative = max(0.0, self.smoothed_cost - self.history[0])
+        self.lam = max(0.0, self.kp * self.proportional + self.integral + self.kd * derivative)
+        self.history.append(self.smoothed_cost)
+        if self.adaptive:
+            c = float(np.mean(self.history)) + 0.1
+            spread = float(np.std(self.history))
+            a_p, a_i, a_d = self.adapt_rates
+            gains = (self.kp * max(0.0, 1 + a_p * (c - self.cost_limit) / c),
+                     self.ki * max(0.0, 1 + a_i * (c - self.cost_limit) / c),
+                     self.kd * (1 + a_d * spread / c))
+            self.kp, self.ki, self.kd = (min(max(k, k0 / 10), 10 * k0) for k, k0 in zip(gains, self.gains0))
+        return self.lam
+
+    def state_dict(self) -> dict:
+        return {"kind": "apid" if self.adaptive else "pid", "lam": self.lam, "kp": self.kp, "ki": self.ki,
+                "kd": self.kd, "integral": self.integral, "proportional": self.proportional,
+                "smoothed_cost": self.smoothed_cost, "history": list(self.history)}
+
+
+class DualAscentLagrangian:
+    """λ ← max(0, λ + η·(J − d)): projected gradient ascent on the Lagrangian dual."""
+
+    def __init__(self, cost_limit: float, lr: float, lam: float = 0.0):
+        self.cost_limit, self.lr, self.lam = cost_limit, lr, lam
+
+    def update(self, episode_cost: float) -> float:
+        self.lam = max(0.0, self.lam + self.lr * (episode_cost - self.cost_limit))
+        return self.lam
+
+    def state_dict(self) -> dict:
+        return {"kind": "dual", "lam": self.lam, "lr": self.lr}
+
+
+class FixedLagrangian:
+    def __init__(self, lam: float):
+        self.lam = lam
+
+    def update(self, episode_cost: float) -> float:
+        return self.lam
+
+    def state_dict(self) -> dict:
+        return {"kind": "fixed", "lam": self.lam}
+
+
+def make_lagrangian(args: Args):
+    if args.lagrangian in ("apid", "pid"):
+        return AdaptivePIDLagrangian(args.cost_limit, args.kp, args.ki, args.kd, args.pid_delay, args.pid_ema,
+                                     args.adapt_rates, adaptive=args.lagrangian == "apid")
+    if args.lagrangian == "dual":
+        return DualAscentLagrangian(args.cost_limit, args.dual_lr, args.lagrangian_init)
+    return FixedLagrangian(args.lagrangian_init)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Online data: episodes run side by side (one batched actor call per step), stored in a device-resident ring buffer.
+REPLAY_KEYS = ("observations", "actions", "rewards", "costs", "next_observations", "terminals")
+
+
+@torch.no_grad()
+def collect_episodes(envs, actor: nn.Module, device: torch.device, deterministic: bool = False):
+    """One episode in each env. Returns (transitions dict of float32 arrays, episode returns, episode costs)."""
+    obs = np.stack([env.reset()[0] for env in envs]).astype(np.float32)
+    running = np.ones(len(envs), dtype=bool)
+    returns, costs = np.zeros(len(envs)), np.zeros(len(envs))
+    steps = {k: [] for k in REPLAY_KEYS}
+    while running.any():
+        live = np.flatnonzero(running)
+        actions, _ = actor(torch.as_tensor(obs[live], device=device), deterministic=deterministic)
+        actions = actions.cpu().numpy()
+        for i, action in zip(live, actions):
+            next_obs, reward, terminated, truncated, info = envs[i].step(action)
+            for k, v in zip(REPLAY_KEYS, (obs[i], action, reward, info["cost"], next_obs, terminated)):
+                steps[k].append(v)
+            returns[i] += reward
+            costs[i] += info["cost"]
+            obs[i] = next_obs
+            running[i] = not (terminated or truncated)
+    return {k: np.asarray(v, dtype=np.float32) for k, v in steps.items()}, returns, costs
+
+
+class ReplayBuffer:
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        widths = {"observations": obs_dim, "next_observations": obs_dim, "actions": act_dim}
+        self.data = {k: torch.zeros((capacity, widths[k]) if k in widths else (capacity,), device=device)
+                     for k in REPLAY_KEYS}
+        self.capacity, self.size, self.pos = capacity, 0, 0
+
+    def add(self, batch: dict) -> None:
+        n = len(batch["rewards"])
+        idx = torch.arange(self.pos, self.pos + n) % self.capacity
+        for k, v in batch.items():
+            self.data[k][idx] = torch.as_tensor(v).to(self.data[k].device)
+        self.pos, self.size = (self.pos + n) % self.capacity, min(self.size + n, self.capacity)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> list:
+        idx = torch.randint(self.size, (batch_size,), device=generator.device, generator=generator)
+        return [self.data[k][idx] for k in REPLAY_KEYS]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SAC-Lagrangian.
+class SACLag(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, lrs: Tuple[float, float, float], alpha: float):
+        super().__init__()
+        self.args = args
+        self.actor = Actor(obs_dim, act_dim, args.hidden_sizes)
+        self.critic = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=2)
+        self.cost_critic = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=1)
+        self.critic_target = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=2)
+        self.cost_critic_target = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=1)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.cost_critic_target.load_state_dict(self.cost_critic.state_dict())
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(alpha)), requires_grad=args.autotune)
+        self.target_entropy = -float(act_dim)
+        actor_lr, critic_lr, cost_critic_lr = lrs
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=actor_lr)
+        # both critics in one optimizer (two lrs): their losses are independent, so one backward serves both
+        self.critics_opt = torch.optim.Adam([{"params": self.critic.parameters(), "lr": critic_lr},
+                                             {"params": self.cost_critic.parameters(), "lr": cost_critic_lr}])
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=args.alpha_lr) if args.autotune else None
+
+    def load(self, ckpt: dict) -> None:
+        """Networks from a checkpoint, strictly; optimizer state is not loaded (it would carry offline lrs)."""
+        for name in ("actor", "critic", "critic_target", "cost_critic", "cost_critic_target"):
+            try:
+                getattr(self, name).load_state_dict(ckpt[name])
+            except (KeyError, RuntimeError) as e:
+                raise InputError(f"checkpoint '{name}' does not fit this architecture ({str(e).splitlines()[0]})")
+
+    def critic_targets(self, reward, cost, next_obs, term):
+        """y = r + γ(1−term)(min Q'(s',a') − α log π(a'|s')),  y_c = c + γ(1−term)·Qc'(s',a')."""
+        with torch.no_grad():
+            next_act, next_log_prob = self.actor(next_obs)
+            soft_value = self.critic_target(next_obs, next_act).min(0).values - self.log_alpha.exp() * next_log_prob
+            y = reward + self.args.gamma * (1 - term) * soft_value
+            y_c = cost + self.args.gamma * (1 - term) * self.cost_critic_target(next_obs, next_act)[0]
+        return y, y_c
+
+    def actor_loss(self, obs, lam: float):
+        """L_π = mean(α log π(ã|s) − min Q(s,ã) + λ Qc(s,ã)) with the online critics."""
+        act, log_prob = self.actor(obs)
+        q = self.critic(obs, act).min(0).values
+        qc = self.cost_critic(obs, act)[0]
+        return (self.log_alpha.exp().detach() * log_prob - q + lam * qc).mean(), log_prob, qc
+
+    def update(self, obs, act, reward, cost, next_obs, term, lam: float) -> dict:
+        y, y_c = self.critic_targets(reward, cost, next_obs, term)
+        critic_loss = F.mse_loss(self.critic(obs, act), y.expand(2, -1), reduction="none").mean(1).sum()
+        cost_critic_loss = F.mse_loss(self.cost_critic(obs, act)[0], y_c)
+        self.critics_opt.zero_grad(set_to_none=True)
+        (critic_loss + cost_critic_loss).backward()
+        self.critics_opt.step()
+
+        self.critic.requires_grad_(False)  # the actor step needs gradients w.r.t. actions only
+        self.cost_critic.requires_grad_(False)
+        actor_loss, log_prob, qc = self.actor_loss(obs, lam)
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_opt.step()
+        self.critic.requires_grad_(True)
+        self.cost_critic.requires_grad_(True)
+
+        if self.alpha_opt is not None:  # α ← minimise −α(log π + H̄)
+            alpha_loss = -(self.log_alpha.exp() * (log_prob.detach() + self.target_entropy)).mean()
+            self.alpha_opt.zero_grad(set_to_none=True)
+            alpha_loss.backward()
+            self.alpha_opt.step()
+        soft_update(self.critic_target, self.critic, self.args.tau)
+        soft_update(self.cost_critic_target, self.cost_critic, self.args.tau)
+        return {"losses/critic": critic_loss.detach(), "losses/cost_critic": cost_critic_loss.detach(),
+                "losses/actor": actor_loss.detach(), "losses/qc_pi": qc.detach().mean(),
+                "losses/alpha": self.log_alpha.detach().exp(), "losses/entropy": -log_prob.detach().mean()}
+
+    def checkpoint(self, args: Args, env_id: str, obs_dim: int, act_dim: int, step: int, algo: str,
+                   lagrangian) -> dict:
+        return {"algo": algo, "env_id": env_id, "obs_dim": obs_dim, "act_dim": act_dim,
+                "hidden_sizes": list(args.hidden_sizes), "reward_scale": args.reward_scale,
+                "cost_limit": args.cost_limit, "step": step,
+                "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
+                "critic_target": self.critic_target.state_dict(), "cost_critic": self.cost_critic.state_dict(),
+                "cost_critic_target": self.cost_critic_target.state_dict(), "log_alpha": self.log_alpha.detach(),
+                "optimizers": {"actor": self.actor_opt.state_dict(), "critics": self.critics_opt.state_dict()},
+                "lagrange": lagrangian.state_dict(),
+                "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(args).items()}}
+
+
+def main(args: Args) -> dict:
+    if args.env_id not in ENV_DEFAULTS:
+        raise InputError(f"--env-id {args.env_id}: no online defaults; choose one of {sorted(ENV_DEFAULTS)}")
+    actor_lr, critic_lr, cost_critic_lr, alpha, episodes = ENV_DEFAULTS[args.env_id]
+    lrs = (args.actor_lr or actor_lr, args.critic_lr or critic_lr, args.cost_critic_lr or cost_critic_lr)
+    alpha = args.alpha if args.alpha is not None else alpha
+    online_episodes = args.online_episodes if args.online_episodes is not None else episodes
+    if min(online_episodes, args.episodes_per_iter, args.updates_per_iter, args.batch_size, args.eval_every,
+           args.eval_episodes) < 1 or alpha <= 0 or not 0 <= args.offline_ratio < 1:
+        raise InputError("budgets and sizes must be >= 1, --alpha > 0 and 0 <= --offline-ratio < 1")
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    save_path = args.save_path or os.path.join("runs", run_name, "sac_lag.pt")
+    random.seed(args.seed)
+    np.random.seed(args.seed)  # also Bullet's reset noise
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    envs = [make_env(args.env_id, args.seed + i) for i in range(args.episodes_per_iter)]
+    eval_env = make_env(args.env_id, args.seed + 10_000)
+    obs_dim, act_dim = eval_env.observation_space.shape[0], eval_env.action_space.shape[0]
+    agent = SACLag(obs_dim, act_dim, args, lrs, alpha).to(device)
+    algo = "sac_lag"
+    if args.init != "scratch":
+        ckpt = load_checkpoint(args.init, args.env_id, obs_dim, act_dim, args.hidden_sizes)
+        if ckpt["reward_scale"] != args.reward_scale:
+            raise InputError(f"{args.init}: reward_scale {ckpt['reward_scale']} != --reward-scale {args.reward_scale}")
+        agent.load(ckpt)
+        algo = f"{ckpt['algo']}+sac_lag"
+    offline = None
+    if args.offline_ratio > 0:
+        path = find_dataset(args.env_id, eval_env.unwrapped.dataset_url, args.dataset_path)
+        offline = {k: torch.as_tensor(v, device=device) for k, v in load_dataset(path, obs_dim, act_dim).items()}
+        offline["rewards"] = offline["rewards"] * args.reward_scale
+    lagrangian = make_lagrangian(args)
+    replay = ReplayBuffer(online_episodes * eval_env.spec.max_episode_steps, obs_dim, act_dim, device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    num_offline = int(round(args.offline_ratio * args.batch_size))
+
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name)
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    os.makedirs(os.path.dirname(os.path.abspath(save_path)), exist_ok=True)
+    csv_path = save_path.removesuffix(".pt") + "_progress.csv"
+    csv = open(csv_path, "w")
+    csv.write("episodes,env_steps,return,cost,lambda,kp,ki,kd,violations,cumulative_cost,"
+              "eval_return,eval_cost,eval_normalized_return,eval_normalized_cost\n")
+
+    def log_eval(episodes_done: int, env_steps: int) -> dict:
+        result = evaluate(agent.actor, eval_env, args.eval_episodes, args.cost_limit, device)
+        for k, v in result.items():
+            writer.add_scalar(f"eval/{k}", v, env_steps)
+        csv.write(f"{episodes_done},{env_steps},,,,,,,,," + ",".join(f"{result[k]:.4f}" for k in (
+            "return", "cost", "normalized_return", "normalized_cost")) + "\n")
+        return result
+
+    env_steps = episodes_done = violations = 0
+    cumulative_cost, start = 0.0, time.time()
+    first_eval = last_eval = log_eval(0, 0)
+    lam = lagrangian.lam  # aPID/PID start at 0 (the offline λ is on another scale); dual/fixed at --lagrangian-init
+    num_iters = math.ceil(online_episodes / args.episodes_per_iter)
+    progress = tqdm(range(num_iters), desc="sac-lag", dynamic_ncols=True)
+    try:
+        for iteration in progress:
+            n = min(args.episodes_per_iter, online_episodes - episodes_done)
+            batch, returns, costs = collect_episodes(envs[:n], agent.actor, device)
+            replay.add({**batch, "rewards": batch["rewards"] * args.reward_scale})
+            env_steps += len(batch["rewards"])
+            episodes_done += n
+            violations += int((costs > args.cost_limit).sum())
+            cumulative_cost += float(costs.sum())
+            lam = lagrangian.update(float(costs.mean()))  # one controller update per iteration
+
+            for _ in range(args.updates_per_iter):
+                sample = replay.sample(args.batch_size - num_offline, generator)
+                if offline is not None:
+                    idx = torch.randint(len(offline["rewards"]), (num_offline,), device=device, generator=generator)
+                    sample = [torch.cat([s, offline[k][idx]]) for s, k in zip(sample, REPLAY_KEYS)]
+                info = agent.update(*sample, lam=lam)
+            for tag, value in zip(info, torch.stack(list(info.values())).tolist()):  # one sync per iteration
+                writer.add_scalar(tag, value, env_steps)
+            gains = [getattr(lagrangian, k, float("nan")) for k in ("kp", "ki", "kd")]
+            scalars = {"charts/episodic_return": returns.mean(), "charts/episodic_cost": costs.mean(),
+                       "lagrange/lambda": lam, "lagrange/kp": gains[0], "lagrange/ki": gains[1],
+                       "lagrange/kd": gains[2], "charts/online_violations": violations,
+                       "charts/cumulative_cost": cumulative_cost, "charts/SPS": env_steps / (time.time() - start)}
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, value, env_steps)
+            csv.write(f"{episodes_done},{env_steps},{returns.mean():.4f},{costs.mean():.4f},{lam:.6f},"
+                      + ",".join(f"{g:.6g}" for g in gains) + f",{violations},{cumulative_cost:.1f},,,,\n")
+            if episodes_done // args.eval_every > (episodes_done - n) // args.eval_every:
+                last_eval = log_eval(episodes_done, env_steps)
+            progress.set_postfix(ret=f"{returns.mean():.0f}", cost=f"{costs.mean():.1f}", lam=f"{lam:.3f}")
+    except KeyboardInterrupt:  # keep the work done so far
+        save_path = save_path.removesuffix(".pt") + "_interrupted.pt"
+        print(f"\ninterrupted after {episodes_done} episodes")
+    if episodes_done % args.eval_every != 0:
+        last_eval = log_eval(episodes_done, env_steps)
+    csv.close()
+    writer.close()
+    ckpt = agent.checkpoint(args, args.env_id, obs_dim, act_dim, env_steps, algo, lagrangian)
+    save_checkpoint(save_path, {**ckpt, "eval": last_eval})
+    summary = {"start": first_eval, "final": last_eval, "online_violations": violations,
+               "cumulative_cost": cumulative_cost, "episodes": episodes_done, "lambda": lam}
+    print(f"\n{'':8}{'return':>10}{'cost':>8}{'norm ret':>10}{'norm cost':>10}")
+    for name in ("start", "final"):
+        r = summary[name]
+        print(f"{name:8}{r['return']:>10.1f}{r['cost']:>8.1f}{r['normalized_return']:>10.3f}{r['normalized_cost']:>10.3f}")
+    print(f"online: {episodes_done} episodes, {violations} over the limit, cumulative cost {cumulative_cost:.0f}, "
+          f"final λ {lam:.4f}, wall time {time.time() - start:.0f}s")
+    print(f"checkpoint: {save_path}   progress: {csv_path}")
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except InputError as e:
+        sys.exit(f"sac_lag_apid.py: error: {e}")

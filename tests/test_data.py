@@ -1,0 +1,141 @@
+"""The dataset block (reference copy in cpq.py): resolution order, download fallback, validation errors."""
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ACT_DIM, ENV_ID, OBS_DIM, ROOT, synthetic_dataset, write_hdf5
+
+import cpq
+
+DSRL_URL = "http://data.offline-saferl.org/download/SafetyBallRun-v0-80-940.hdf5"
+NO_BUNDLE_ENV = "OfflineBallRun-v0"  # no datasets/OfflineBallRun-v0.hdf5 in the repo: exercises later steps
+
+
+def refuse(url, dest):
+    raise OSError("network disabled in tests")
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    d = tmp_path / "dsrl_cache"
+    d.mkdir()
+    monkeypatch.setenv("DSRL_DATASET_DIR", str(d))
+    return d
+
+
+def test_explicit_path_wins(dataset_file, cache_dir):
+    write_hdf5(cache_dir / "SafetyBallRun-v0-80-940.hdf5", synthetic_dataset())
+    assert cpq.find_dataset(NO_BUNDLE_ENV, DSRL_URL, dataset_file, download=refuse) == dataset_file
+
+
+def test_explicit_path_missing_is_an_error(tmp_path, cache_dir):
+    with pytest.raises(cpq.InputError, match="no such file"):
+        cpq.find_dataset(ENV_ID, DSRL_URL, str(tmp_path / "nope.hdf5"), download=refuse)
+
+
+def test_dsrl_cache_before_bundled(cache_dir):
+    cached = write_hdf5(cache_dir / "SafetyCarRun-v0-40-651.hdf5", synthetic_dataset())
+    url = "http://data.offline-saferl.org/download/SafetyCarRun-v0-40-651.hdf5"
+    assert cpq.find_dataset(ENV_ID, url, download=refuse) == cached
+
+
+def test_bundled_after_cache(cache_dir, capsys):
+    url = "http://data.offline-saferl.org/download/SafetyCarRun-v0-40-651.hdf5"
+    path = cpq.find_dataset(ENV_ID, url, download=refuse)
+    assert path == os.path.join(ROOT, "datasets", f"{ENV_ID}.hdf5")
+    assert "not DSRL's" in capsys.readouterr().out
+
+
+def test_download_tries_dsrl_then_mirror(cache_dir):
+    calls = []
+
+    def mirror_only(url, dest):
+        calls.append(url)
+        if "huggingface" not in url:
+            raise TimeoutError
+        write_hdf5(dest, synthetic_dataset())
+
+    path = cpq.find_dataset(NO_BUNDLE_ENV, DSRL_URL, download=mirror_only)
+    assert calls == [DSRL_URL, cpq.DSRL_MIRROR + "SafetyBallRun-v0-80-940.hdf5"]
+    assert path == str(cache_dir / "SafetyBallRun-v0-80-940.hdf5") and os.path.isfile(path)
+
+
+def test_nothing_found_names_every_place_and_both_remedies(cache_dir):
+    with pytest.raises(cpq.InputError) as e:
+        cpq.find_dataset(NO_BUNDLE_ENV, DSRL_URL, download=refuse)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for part in (str(cache_dir), "datasets/OfflineBallRun-v0.hdf5", DSRL_URL, "huggingface.co",
+                 "--dataset-path", "benchmark/collect_dataset.py"):
+        assert part in msg
+
+
+def test_download_file_leaves_no_partial_file(tmp_path):
+    dest = str(tmp_path / "x.hdf5")
+    with pytest.raises(Exception):
+        cpq.download_file("http://127.0.0.1:9/x.hdf5", dest, timeout=2)
+    assert os.listdir(tmp_path) == []
+
+
+def test_load_valid_dataset(dataset_file):
+    data = cpq.load_dataset(dataset_file, OBS_DIM, ACT_DIM)
+    assert set(data) == set(cpq.DSRL_KEYS)
+    assert all(v.dtype == np.float32 for v in data.values())
+    assert data["observations"].shape == (800, OBS_DIM) and data["timeouts"].sum() == 4
+
+
+def test_scalar_keys_may_be_column_vectors(tmp_path):
+    d = synthetic_dataset()
+    d["rewards"] = d["rewards"][:, None]
+    data = cpq.load_dataset(write_hdf5(tmp_path / "d.hdf5", d), OBS_DIM, ACT_DIM)
+    assert data["rewards"].shape == (800,)
+
+
+def _broken(key, value=None, drop=False):
+    d = synthetic_dataset()
+    if drop:
+        del d[key]
+    else:
+        d[key] = value(d[key])
+    return d
+
+
+@pytest.mark.parametrize("data, message", [
+    (_broken("costs", drop=True), r"missing keys \['costs'\]"),
+    (_broken("observations", lambda v: v[:, :5]), r"'observations' has shape \(800, 5\), expected \(800, 7\)"),
+    (_broken("actions", lambda v: np.concatenate([v, v], 1)), r"'actions' has shape \(800, 4\), expected \(800, 2\)"),
+    (_broken("rewards", lambda v: v[:-1]), r"'rewards' has shape \(799,\), expected \(800,\)"),
+    (_broken("observations", lambda v: v.astype(np.int64)), "'observations' must be floating point"),
+    (_broken("terminals", lambda v: np.full(v.shape, 2)), "'terminals' must be boolean"),
+    (_broken("rewards", lambda v: np.where(np.arange(len(v)) == 3, np.nan, v)), "'rewards' has 1 non-finite"),
+    (_broken("next_observations", lambda v: v * np.inf), "'next_observations' has .* non-finite"),
+])
+def test_validation_errors(tmp_path, data, message):
+    path = write_hdf5(tmp_path / "bad.hdf5", data)
+    with pytest.raises(cpq.InputError, match=message) as e:
+        cpq.load_dataset(path, OBS_DIM, ACT_DIM)
+    assert str(e.value).startswith(path) and "\n" not in str(e.value)
+
+
+def test_not_hdf5(tmp_path):
+    path = tmp_path / "junk.hdf5"
+    path.write_text("not hdf5")
+    with pytest.raises(cpq.InputError, match="not a readable HDF5 file"):
+        cpq.load_dataset(str(path), OBS_DIM, ACT_DIM)
+
+
+def test_missing_dataset_cli_is_one_line_error(tmp_path):
+    """No dataset anywhere and no network: exit != 0, one line, no traceback."""
+    env = {**os.environ, "DSRL_DATASET_DIR": str(tmp_path),
+           "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}  # refuse fast, never download
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "cpq.py"), "--env-id", NO_BUNDLE_ENV,
+                           "--no-cuda"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "no dataset for OfflineBallRun-v0" in lines[0]
+    assert "benchmark/collect_dataset.py" in lines[0]
