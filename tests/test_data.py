@@ -139,3 +139,52 @@ def test_missing_dataset_cli_is_one_line_error(tmp_path):
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "no dataset for OfflineBallRun-v0" in lines[0]
     assert "benchmark/collect_dataset.py" in lines[0]
+
+
+def _dsrl_load(path):
+    """dsrl's own loader, in a subprocess: Bullet's env builder fflushes sys.stdout by name through ctypes,
+    which fails under pytest's output capture."""
+    code = ("import os, sys, numpy as np; os.environ['DSRL_SUPPRESS_IMPORT_ERROR'] = '1'; import dsrl, gymnasium as gym; "
+            f"d = gym.make('{ENV_ID}').get_dataset(h5path=sys.argv[1]); np.savez(sys.argv[2], **d)")
+    out = path + ".npz"
+    proc = subprocess.run([sys.executable, "-c", code, path, out], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return dict(np.load(out))
+
+
+def test_dsrl_loader_accepts_bundled_file(tmp_path):
+    import shutil
+    path = shutil.copy(os.path.join(ROOT, "datasets", f"{ENV_ID}.hdf5"), tmp_path / "bundled.hdf5")
+    data = _dsrl_load(str(path))
+    ends = np.flatnonzero(data["timeouts"] | data["terminals"])
+    starts = np.r_[0, ends[:-1] + 1]
+    costs = np.array([data["costs"][s:e + 1].sum() for s, e in zip(starts, ends)])
+    returns = np.array([data["rewards"][s:e + 1].sum() for s, e in zip(starts, ends)])
+    assert len(ends) == 651 and costs.min() == 0 and costs.max() <= 40
+    assert (costs <= 20).mean() >= 1 / 3 and (costs > 20).mean() >= 1 / 3
+    assert returns.max() - returns.min() >= 300
+    cpq.load_dataset(os.path.join(ROOT, "datasets", f"{ENV_ID}.hdf5"), OBS_DIM, ACT_DIM)  # and ours
+
+
+def test_collector_output_loads_in_dsrl(tmp_path):
+    out = tmp_path / "c.hdf5"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "collect_dataset.py"),
+                           "--num-trajectories", "4", "--oversample", "2", "--workers", "1", "--output", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = _dsrl_load(str(out))
+    assert len(data["rewards"]) == 4 * 200 and data["timeouts"].sum() == 4
+    with h5py.File(out) as f:
+        assert f.attrs["trajectories"] == 4 and "collect_dataset.py" in f.attrs["command"]
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_grid_select_covers_cost_bins_evenly():
+    sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+    from collect_dataset import grid_select
+    rng = np.random.default_rng(0)
+    costs = np.r_[np.zeros(900), rng.uniform(0, 40, 100)]  # heavy mass at cost 0
+    returns = rng.uniform(0, 500, 1000)
+    kept = grid_select(costs, returns, 100, 4, 4, rng)
+    assert len(kept) == 100 and len(set(kept)) == 100
+    assert (costs[kept] > 10).sum() >= 60  # the sparse costly bins keep all they have (≈ 75)

@@ -1,0 +1,106 @@
+"""Throughput of each phase on this machine: one function per phase, a small table at the end.
+
+    python benchmark/speed.py                 # all phases, CPU (or --cuda)
+    python benchmark/speed.py --phases cpq sac_update collect
+
+Each phase is timed `--rounds` times after a warm-up and the median is reported; machines drift, so compare
+alternatives in one time window. Synthetic CarRun-shaped tensors (obs 7, act 2) feed the updates.
+"""
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import List
+
+import numpy as np
+import torch
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+OBS_DIM, ACT_DIM = 7, 2
+
+
+@dataclass
+class Args:
+    phases: List[str] = field(default_factory=lambda: ["cpq", "sac_update", "collect"])
+    """phases to time: cpq, sac_update, vpa, collect"""
+    rounds: int = 3
+    """timed rounds per phase (median reported)"""
+    cuda: bool = False
+    """time on the GPU"""
+
+
+def batch(n, device):
+    return [torch.randn(n, OBS_DIM, device=device), torch.rand(n, ACT_DIM, device=device) * 2 - 1,
+            torch.rand(n, device=device), (torch.rand(n, device=device) < 0.2).float(),
+            torch.randn(n, OBS_DIM, device=device), torch.zeros(n, device=device)]
+
+
+def timed(fn, n, device):
+    fn()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - start)
+
+
+def phase_cpq(device):
+    import cpq
+    agent = cpq.CPQ(OBS_DIM, ACT_DIM, cpq.Args(), q_thres=8.66).to(device)
+    b = batch(512, device)
+    return {"CPQ update, batch 512 (steps/s)": timed(lambda: agent.update(*b), 20, device)}
+
+
+def phase_sac_update(device):
+    import sac_lag_apid as sl
+    agent = sl.SACLag(OBS_DIM, ACT_DIM, sl.Args(), lrs=(5e-5, 5e-3, 8e-3), alpha=5e-3).to(device)
+    out = {}
+    for size in (64, 256):
+        b = batch(size, device)
+        out[f"SAC-Lag update, batch {size} (updates/s)"] = timed(lambda: agent.update(*b, lam=0.5), 100, device)
+    return out
+
+
+def phase_vpa(device):
+    import vpa
+    return {"VPA step, batch 64 (steps/s)": vpa.benchmark_steps_per_second(device)}
+
+
+def phase_collect(device):
+    import sac_lag_apid as sl
+    envs = [sl.make_env("OfflineCarRun-v0", i) for i in range(5)]
+    actor = sl.Actor(OBS_DIM, ACT_DIM, (256, 256)).to(device)
+    np.random.seed(0)
+    start = time.perf_counter()
+    batch_, _, _ = sl.collect_episodes(envs, actor, device)
+    collect = len(batch_["rewards"]) / (time.perf_counter() - start)
+    env = envs[0]
+    env.reset()
+    start = time.perf_counter()
+    for _ in range(1000):
+        env.step(env.action_space.sample())
+    bare = 1000 / (time.perf_counter() - start)
+    return {"online collection, 5 episodes (env steps/s)": collect, "bare env, random actions (steps/s)": bare}
+
+
+def main(args: Args):
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    rows = {}
+    for name in args.phases:
+        runs = [globals()[f"phase_{name}"](device) for _ in range(args.rounds)]
+        for key in runs[0]:
+            rows[key] = statistics.median(r[key] for r in runs)
+    print(f"\ndevice: {device}, torch threads: {torch.get_num_threads()}, median of {args.rounds} rounds")
+    print(f"| {'phase':<48} | {'rate':>9} |\n|{'-' * 50}|{'-' * 11}|")
+    for key, value in rows.items():
+        print(f"| {key:<48} | {value:>9.1f} |")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
