@@ -84,9 +84,9 @@ class Args:
     alpha_vpa: Optional[float] = None
     """α_vpa, weight of the entropy bonus in the reward target (default: 2 × the env's online SAC α, CarRun 0.01).
     Why: the bonus shifts values by about α·E[−log μ]/(1−γ); with a CPQ actor (E[log μ] ≈ 2.5 on CarRun) α = 0.01
-    moves Q by ≈ 2.5, a tenth of Q^μ (≈ 25 in scaled reward), and kept the Spearman ρ of Q in a CarRun sweep
-    (α ≤ 0.01: ρ(Q) up slightly; 0.05: mixed; 0.1, the official code's value: ρ(Q) ≈ 0). Tied to the online α,
-    it carries the official per-env entropy scale (action dims) and keeps the handover to SAC-Lag small."""
+    moves Q by ≈ 2.5, a tenth of Q^μ (≈ 25 in scaled reward); in a CarRun sweep (5k-step CPQ checkpoint) α ≤ 0.01
+    kept or raised the Spearman ρ of Q, 0.05 was mixed, and 0.1 (the official code's value) drove ρ(Q) to ≈ 0.
+    Tied to the online α, it carries the official per-env entropy scale (action dims) and eases the SAC-Lag handover."""
     alpha_c_vpa: Optional[float] = None
     """α_c_vpa, weight of the entropy term in the cost target (default: α_vpa / 2); must be < α_vpa (the paper)"""
     critic_lr: Optional[float] = None
