@@ -275,7 +275,7 @@ def load_checkpoint(path: str, env_id: str, obs_dim: int, act_dim: int, hidden_s
         raise InputError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InputError(f"{path}: not an {CHECKPOINT_FORMAT} checkpoint")
-    found = (ckpt["env_id"], ckpt["obs_dim"], ckpt["act_dim"], tuple(ckpt["hidden_sizes"]))
+    found = (ckpt.get("env_id"), ckpt.get("obs_dim"), ckpt.get("act_dim"), tuple(ckpt.get("hidden_sizes") or ()))
     if found != (env_id, obs_dim, act_dim, tuple(hidden_sizes)):
         raise InputError(f"{path}: checkpoint is for (env, obs_dim, act_dim, hidden_sizes)={found}, "
                          f"this run needs {(env_id, obs_dim, act_dim, tuple(hidden_sizes))}")

@@ -130,6 +130,9 @@ def test_checkpoint_round_trip_and_strict_refusal(tmp_path):
                 (ENV_ID, OBS_DIM, 3, (32, 32)), (ENV_ID, OBS_DIM, ACT_DIM, (256, 256))]:
         with pytest.raises(cpq.InputError, match="checkpoint is for"):
             cpq.load_checkpoint(path, *bad)
+    torch.save({"format": "o2o-safe-rl/1", "actor": {}}, tmp_path / "partial.pt")  # right format, keys missing
+    with pytest.raises(cpq.InputError, match="checkpoint is for"):
+        cpq.load_checkpoint(str(tmp_path / "partial.pt"), ENV_ID, OBS_DIM, ACT_DIM, (32, 32))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(cpq.InputError, match="cannot read checkpoint"):
