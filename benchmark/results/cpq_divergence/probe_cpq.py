@@ -10,10 +10,38 @@ data["rewards"] *= 0.1
 agent = cpq.CPQ(7, 2, args, cpq.episode_q_threshold(20, 0.99, 200))
 if mode == "sgd":
     agent.alpha_opt = torch.optim.SGD([agent.log_alpha_c], lr=1e-4)
+if mode == "hinge_escape":
+    # candidate fix, NOT the spec: (1) push Qc(s, a_ood) up only until qc_thres (bounded penalty);
+    # (2) where the gate is closed, the actor descends Qc instead of receiving no gradient.
+    import types, torch.nn.functional as F
+    def cost_critic_loss(self, obs, act, cost, next_obs, term, next_act):
+        a = self.args
+        with torch.no_grad():
+            y_c = cost + a.gamma * (1 - term) * self.cost_critic_target(next_obs, next_act)[0]
+            obs_rep = obs.repeat_interleave(a.num_ood_samples, 0)
+            act_pi, _ = self.actor(obs_rep)
+            kl = self.vae.kl(obs_rep, act_pi)
+            ood = (kl >= torch.quantile(kl, a.ood_quantile)).float()
+        qc = self.cost_critic(obs_rep, act_pi)[0]
+        qc_ood = (qc * ood).sum() / ood.sum()
+        hinge = (F.relu(self.qc_thres - qc) * ood).sum() / ood.sum()
+        td = F.mse_loss(self.cost_critic(obs, act)[0], y_c)
+        return td + self.log_alpha_c.exp().detach() * hinge, td, qc_ood.detach()
+    agent.cost_critic_loss = types.MethodType(cost_critic_loss, agent)
+    orig_update = agent.update
+    def actor_step(self, obs):
+        act_pi, _ = self.actor(obs)
+        qc = self.cost_critic(obs, act_pi)[0]
+        safe = (qc <= self.q_thres).float().detach()
+        loss = -(safe * self.critic(obs, act_pi).min(0).values).mean() + ((1 - safe) * qc).mean()
+        self.actor_opt.zero_grad(set_to_none=True); loss.backward(); self.actor_opt.step()
+    agent.extra_actor_step = types.MethodType(actor_step, agent)
 g = torch.Generator().manual_seed(0)
 for step in range(1, 1501):
     idx = torch.randint(len(data["rewards"]), (512,), generator=g)
     info = agent.update(data["observations"][idx], data["actions"][idx], data["rewards"][idx], data["costs"][idx],
                         data["next_observations"][idx], data["terminals"][idx])
+    if mode == "hinge_escape":
+        agent.extra_actor_step(data["observations"][idx])
     if step % 250 == 0:
         print(mode, step, {k.split('/')[1]: round(v.item(), 3) for k, v in info.items()}, flush=True)
