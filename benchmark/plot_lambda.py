@@ -3,6 +3,7 @@
     python benchmark/plot_lambda.py runs/scratch_s*/sac_lag_progress.csv --cost-limit 20 --output lambda.png
 """
 import csv
+import os
 from dataclasses import dataclass
 from typing import List
 
@@ -28,7 +29,7 @@ def main(args: Args) -> None:
     for path in args.csvs:
         rows = [r for r in csv.DictReader(open(path)) if r["lambda"]]  # training rows (eval rows leave it empty)
         episodes = [int(r["episodes"]) for r in rows]
-        label = path.split("/")[-2] if "/" in path else path
+        label = os.path.splitext(os.path.basename(path))[0]
         ax_cost.plot(episodes, [float(r["cost"]) for r in rows], label=label)
         ax_lam.plot(episodes, [float(r["lambda"]) for r in rows], label=label)
         ax_ret.plot(episodes, [float(r["return"]) for r in rows], label=label)
