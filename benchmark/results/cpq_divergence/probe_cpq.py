@@ -4,6 +4,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")
 sys.path.insert(0, ROOT); import cpq
 torch.manual_seed(0); np.random.seed(0)
 mode = sys.argv[1]
+total_steps = int(sys.argv[2]) if len(sys.argv) > 2 else 1500  # optional: steps; evaluates every 2,000
+env = cpq.make_env("OfflineCarRun-v0", 0)
 args = cpq.Args()
 data = {k: torch.as_tensor(v) for k, v in cpq.load_dataset(os.path.join(ROOT, "datasets", "OfflineCarRun-v0.hdf5"), 7, 2).items()}
 data["rewards"] *= 0.1
@@ -37,7 +39,7 @@ if mode == "hinge_escape":
         self.actor_opt.zero_grad(set_to_none=True); loss.backward(); self.actor_opt.step()
     agent.extra_actor_step = types.MethodType(actor_step, agent)
 g = torch.Generator().manual_seed(0)
-for step in range(1, 1501):
+for step in range(1, total_steps + 1):
     idx = torch.randint(len(data["rewards"]), (512,), generator=g)
     info = agent.update(data["observations"][idx], data["actions"][idx], data["rewards"][idx], data["costs"][idx],
                         data["next_observations"][idx], data["terminals"][idx])
@@ -45,3 +47,6 @@ for step in range(1, 1501):
         agent.extra_actor_step(data["observations"][idx])
     if step % 250 == 0:
         print(mode, step, {k.split('/')[1]: round(v.item(), 3) for k, v in info.items()}, flush=True)
+    if step % 2000 == 0:
+        print(mode, step, "eval (10 deterministic episodes, d=20):", cpq.evaluate(agent.actor, env, 10, 20.0,
+                                                                                 torch.device("cpu")), flush=True)
