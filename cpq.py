@@ -5,11 +5,14 @@
 Trains on a DSRL-format dataset and writes a checkpoint (format "o2o-safe-rl/1") that vpa.py and
 sac_lag_apid.py load strictly. Per gradient step on a batch (s, a, r, c, s', term):
   1. VAE behaviour model of p(a|s), used to tell out-of-distribution (OOD) actions apart.
-  2. Cost critic: TD on c + γ(1−term)·Qc'(s', a'), minus α_c·mean Qc(s, a_ood): the penalty pushes the
-     cost estimate of OOD policy actions *up* (it carries gradient into Qc, unlike the OSRL code).
+  2. Cost critic: TD on c + γ(1−term)·Qc'(s', a'), plus an OOD penalty that pushes the cost estimate of OOD
+     policy actions *up* (it carries gradient into Qc, unlike the OSRL code). Default (`--ood-penalty hinge`):
+     α_c·mean relu(qc_thres − Qc(s, a_ood)), i.e. up to qc_thres and no further. The paper's linear form
+     −α_c·mean Qc(s, a_ood) (`--ood-penalty linear`) diverges on CarRun: benchmark/results/cpq_divergence/.
   3. α_c by dual ascent so that mean Qc(s, a_ood) ≥ qc_thres.
   4. Reward critic: TD on r + γ(1−term)·1[Qc'(s', a') ≤ q_thres]·min Q'(s', a').
-  5. Actor: maximise 1[Qc(s, ã) ≤ q_thres]·min Q(s, ã).
+  5. Actor: maximise 1[Qc(s, ã) ≤ q_thres]·min Q(s, ã); where that gate is closed, lower Qc(s, ã) instead
+     (`--actor-escape`, default on), so an actor whose actions all look unsafe still gets a gradient.
   6. Polyak-average the target critics.
 """
 import math
@@ -20,7 +23,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Literal, Optional, Tuple
 
 os.environ.setdefault("DSRL_SUPPRESS_IMPORT_ERROR", "1")  # dsrl warns about suites we do not install
 import dsrl  # noqa: F401  (registers the Offline*-v0 environments)
@@ -88,9 +91,14 @@ class Args:
     num_ood_samples: int = 10
     """policy actions sampled per state for the OOD penalty"""
     ood_quantile: float = 0.75
-    """an action is OOD when its VAE KL is at or above this quantile of the batch"""
+    """an action is OOD when its VAE KL is at or above this quantile of the batch (the top 25 % by default)"""
     qc_thres_factor: float = 1.5
     """qc_thres = factor · q_thres"""
+    ood_penalty: Literal["hinge", "linear"] = "hinge"
+    """cost penalty on OOD actions: hinge α_c·relu(qc_thres − Qc) (bounded), or linear −α_c·Qc (the paper's;
+    diverges on CarRun)"""
+    actor_escape: bool = True
+    """where Qc(s, ã) > q_thres the actor minimises Qc(s, ã) instead of getting no gradient (off = the paper's)"""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -342,19 +350,34 @@ class CPQ(nn.Module):
         self.vae_opt = torch.optim.Adam(self.vae.parameters(), lr=args.vae_lr)
         self.alpha_opt = torch.optim.Adam([self.log_alpha_c], lr=args.alpha_lr)
 
+    def ood_samples(self, obs):
+        """N policy actions per state; the OOD ones are the top (1 − ood_quantile) of them by VAE KL.
+        Returns (states, actions) of the OOD pairs. top-k equals `kl >= quantile(kl, q)` (barring ties) without
+        the host sync a boolean mask would need."""
+        args = self.args
+        obs_rep = obs.repeat_interleave(args.num_ood_samples, 0)
+        act_pi, _ = self.actor(obs_rep)
+        kl = self.vae.kl(obs_rep, act_pi)
+        num_ood = len(kl) - math.ceil(args.ood_quantile * (len(kl) - 1))
+        ood = kl.topk(num_ood).indices
+        return obs_rep[ood], act_pi[ood]
+
     def cost_critic_loss(self, obs, act, cost, next_obs, term, next_act):
-        """L_c = MSE(Qc(s,a), y_c) − α_c·mean Qc(s, a_ood); returns (loss, mean Qc(s, a_ood) detached)."""
+        """L_c = MSE(Qc(s,a), y_c) + OOD penalty; returns (loss, TD part, mean Qc(s, a_ood) detached)."""
         args = self.args
         with torch.no_grad():
             y_c = cost + args.gamma * (1 - term) * self.cost_critic_target(next_obs, next_act)[0]
-            # N policy actions per state; OOD = VAE KL at or above the batch quantile
-            obs_rep = obs.repeat_interleave(args.num_ood_samples, 0)
-            act_pi, _ = self.actor(obs_rep)
-            kl = self.vae.kl(obs_rep, act_pi)
-            ood = (kl >= torch.quantile(kl, args.ood_quantile)).float()
-        qc_ood = (self.cost_critic(obs_rep, act_pi)[0] * ood).sum() / ood.sum()
-        td = F.mse_loss(self.cost_critic(obs, act)[0], y_c)
-        return td - self.log_alpha_c.exp().detach() * qc_ood, td, qc_ood.detach()
+            obs_ood, act_ood = self.ood_samples(obs)
+        # one forward for the data pairs and the OOD pairs; gradient flows into Qc through both
+        qc_all = self.cost_critic(torch.cat([obs, obs_ood]), torch.cat([act, act_ood]))[0]
+        qc, qc_ood = qc_all[:len(obs)], qc_all[len(obs):]
+        td = F.mse_loss(qc, y_c)
+        alpha_c = self.log_alpha_c.exp().detach()
+        if args.ood_penalty == "hinge":
+            penalty = alpha_c * F.relu(self.qc_thres - qc_ood).mean()
+        else:
+            penalty = -alpha_c * qc_ood.mean()
+        return td + penalty, td, qc_ood.mean().detach()
 
     def update(self, obs, act, reward, cost, next_obs, term) -> dict:
         args = self.args
@@ -390,10 +413,13 @@ class CPQ(nn.Module):
         critic_loss.backward()
         self.critic_opt.step()
 
-        # 5. actor: maximise the reward value where the cost value is within budget
+        # 5. actor: maximise the reward value where the cost value is within budget; elsewhere (escape) lower it
         act_pi, _ = self.actor(obs)
-        safe = (self.cost_critic(obs, act_pi)[0] <= self.q_thres).float().detach()
+        qc_pi = self.cost_critic(obs, act_pi)[0]
+        safe = (qc_pi <= self.q_thres).float().detach()
         actor_loss = -(safe * self.critic(obs, act_pi).min(0).values).mean()
+        if args.actor_escape:
+            actor_loss = actor_loss + ((1 - safe) * qc_pi).mean()
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_opt.step()
@@ -471,6 +497,8 @@ def main(args: Args) -> dict:
             for k, v in last_eval.items():
                 writer.add_scalar(f"eval/{k}", v, step)
             progress.set_postfix(ret=f"{last_eval['return']:.1f}", cost=f"{last_eval['cost']:.1f}")
+            progress.write(f"step {step}: eval return {last_eval['return']:.1f}, cost {last_eval['cost']:.1f} "
+                           f"(normalised {last_eval['normalized_return']:.3f} / {last_eval['normalized_cost']:.3f})")
             ckpt = agent.checkpoint(args, args.env_id, obs_dim, act_dim, step)
             if is_better(last_eval, best):
                 best = {**last_eval, "step": step}

@@ -64,12 +64,19 @@ def test_q_ensemble_members_are_independent_mlps():
         torch.testing.assert_close(out[i], x[:, 0])
 
 
-def test_ood_penalty_carries_gradient_into_cost_critic():
-    agent = small_agent()
+def ood_penalty(agent, obs, act, cost, next_obs, term, next_act, seed=7):
+    """(penalty part of L_c, mean Qc(s, a_ood)); the seed fixes the sampled policy actions."""
+    torch.manual_seed(seed)
+    loss, td, qc_ood = agent.cost_critic_loss(obs, act, cost, next_obs, term, next_act)
+    return loss - td, qc_ood
+
+
+@pytest.mark.parametrize("form", ["hinge", "linear"])
+def test_ood_penalty_carries_gradient_into_cost_critic(form):
+    agent = small_agent(ood_penalty=form)
     obs, act, _, cost, next_obs, term = batch()
-    next_act, _ = agent.actor(next_obs)
-    loss, td, qc_ood = agent.cost_critic_loss(obs, act, cost, next_obs, term, next_act.detach())
-    penalty = loss - td  # = −α_c · mean Qc(s, a_ood)
+    next_act = agent.actor(next_obs)[0].detach()
+    penalty, qc_ood = ood_penalty(agent, obs, act, cost, next_obs, term, next_act)
     assert penalty.requires_grad
     agent.cost_critic.zero_grad()
     penalty.backward()
@@ -79,8 +86,52 @@ def test_ood_penalty_carries_gradient_into_cost_critic():
     with torch.no_grad():
         for p in agent.cost_critic.parameters():
             p -= 0.01 * p.grad
-    _, _, qc_after = agent.cost_critic_loss(obs, act, cost, next_obs, term, next_act.detach())
+    _, qc_after = ood_penalty(agent, obs, act, cost, next_obs, term, next_act)
     assert qc_after > qc_ood
+
+
+def test_hinge_penalty_stops_at_qc_thres_and_linear_does_not():
+    obs, act, _, cost, next_obs, term = batch()
+    for form, expect_zero in [("hinge", True), ("linear", False)]:
+        agent = small_agent(ood_penalty=form)
+        with torch.no_grad():
+            agent.cost_critic.biases[-1].fill_(agent.qc_thres + 50)  # every Qc(s, a) is far above qc_thres
+        next_act = agent.actor(next_obs)[0].detach()
+        penalty, _ = ood_penalty(agent, obs, act, cost, next_obs, term, next_act)
+        agent.cost_critic.zero_grad()
+        penalty.backward()
+        grad = sum(p.grad.abs().sum() for p in agent.cost_critic.parameters())
+        assert (penalty.item() == 0 and grad == 0) if expect_zero else (penalty.item() < 0 and grad > 0)
+
+
+def test_ood_samples_are_the_top_quantile_by_vae_kl():
+    """top-k selection = the pairs whose KL is at or above the batch's ood_quantile (the definition)."""
+    agent = small_agent()
+    obs = batch(b=32)[0]
+    torch.manual_seed(3)
+    obs_ood, act_ood = agent.ood_samples(obs)
+    torch.manual_seed(3)
+    obs_rep = obs.repeat_interleave(agent.args.num_ood_samples, 0)
+    act_pi, _ = agent.actor(obs_rep)
+    kl = agent.vae.kl(obs_rep, act_pi)
+    mask = kl >= torch.quantile(kl, agent.args.ood_quantile)
+    assert len(obs_ood) == mask.sum() == 80  # 25 % of 32·10
+    expected = {tuple(x) for x in torch.cat([obs_rep, act_pi], 1)[mask].tolist()}
+    assert {tuple(x) for x in torch.cat([obs_ood, act_ood], 1).tolist()} == expected
+
+
+@pytest.mark.parametrize("escape", [True, False])
+def test_actor_escape_gives_a_fully_gated_actor_a_gradient(escape):
+    """All policy actions look unsafe (Qc > q_thres): the paper's loss gives the actor no gradient; the escape
+    term lowers Qc(s, ã)."""
+    agent = small_agent(actor_escape=escape, actor_lr=1e-2)
+    with torch.no_grad():
+        agent.cost_critic.biases[-1].fill_(agent.q_thres + 50)
+    before = [p.detach().clone() for p in agent.actor.parameters()]
+    info = agent.update(*batch(b=64))
+    assert info["losses/safe_fraction"] == 0
+    moved = any(not torch.equal(a, b) for a, b in zip(before, agent.actor.parameters()))
+    assert moved == escape
 
 
 def test_cost_td_matches_per_sample_computation():
