@@ -13,6 +13,9 @@ from conftest import ROOT
 FILES = ["cpq.py", "bear_lag.py", "vpa.py", "sac_lag_apid.py", "marvel_full.py", "famo2o_lag.py",
          "benchmark/collect_dataset.py"]
 PER_FILE = {"Args", "main"}
+# vpa.py's Spearman diagnostic (Monte-Carlo rollouts) and its CLI helper; marvel_full.py leaves the diagnostic to vpa.py
+NOT_IN_MARVEL = {"PAIR_KINDS", "PLAIN", "snapshot", "restore", "policy_action", "mc_return", "collect_pairs",
+                 "spearman", "spearman_table", "report_spearman", "init_hidden_sizes"}
 
 
 def top_level_definitions(path):
@@ -42,7 +45,8 @@ def test_marvel_full_carries_every_stage():
         pytest.skip("marvel_full.py not written yet")
     marvel = top_level_definitions(path)
     for standalone in ("cpq.py", "vpa.py", "sac_lag_apid.py"):
-        missing = sorted(top_level_definitions(os.path.join(ROOT, standalone)).keys() - marvel.keys())
+        missing = sorted(top_level_definitions(os.path.join(ROOT, standalone)).keys() - marvel.keys()
+                         - NOT_IN_MARVEL)
         assert not missing, f"marvel_full.py lacks {standalone}'s {missing}"
 
 

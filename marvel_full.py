@@ -1,0 +1,1044 @@
+"""Marvel (Chen, Wei, Deng, Lin, arXiv 2412.04426): safe offline-to-online RL in one file and one command.
+
+    python marvel_full.py --env-id OfflineCarRun-v0                    # CPQ → VPA → SAC-Lag with aPID
+    python marvel_full.py --env-id OfflineCarRun-v0 --no-vpa           # Warm Start (aPID-only)
+    python marvel_full.py --env-id OfflineCarRun-v0 --lagrangian dual  # VPA-only (dual-ascent λ)
+    python marvel_full.py --env-id OfflineCarRun-v0 --lagrangian pid   # VPA+PID (fixed gains)
+    python marvel_full.py --env-id OfflineCarRun-v0 --no-pretrain      # From Scratch
+
+The three stages, each a verbatim copy of its standalone file's definitions (tests/test_sync.py keeps them equal):
+  1. Offline pretraining, cpq.py: CPQ on the DSRL dataset; the best evaluated checkpoint is kept (cpq.py's rule).
+  2. Value Pre-Alignment, vpa.py: the actor μ is frozen and both critics are re-fitted to μ with entropy-
+     regularised targets (α_vpa for Q, α_c_vpa < α_vpa for Qc) on the offline data.
+  3. Online finetuning, sac_lag_apid.py: SAC-Lagrangian whose λ comes from the adaptive PID controller, updated once
+     per iteration of `episodes_per_iter` episodes with their mean episode cost.
+Each stage writes its checkpoint into --save-dir as soon as it ends (cpq.pt, vpa.pt, sac_lag.pt), so an interrupted
+run keeps what finished; `--offline-checkpoint PATH` starts from an existing offline checkpoint instead of stage 1.
+The Spearman diagnostic of VPA is not run here (it needs Monte-Carlo rollouts): run vpa.py for it.
+"""
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import urllib.request
+from collections import deque
+from dataclasses import asdict, dataclass, replace
+from typing import Callable, Literal, Optional, Tuple
+
+os.environ.setdefault("DSRL_SUPPRESS_IMPORT_ERROR", "1")  # dsrl warns about suites we do not install
+import dsrl  # noqa: F401  (registers the Offline*-v0 environments)
+import gymnasium as gym
+import h5py
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    exp_name: str = "marvel"
+    """name of this experiment (part of the run name)"""
+    env_id: str = "OfflineCarRun-v0"
+    """DSRL environment id"""
+    seed: int = 0
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """set `torch.backends.cudnn.deterministic`"""
+    cuda: bool = True
+    """use CUDA when it is available (dataset, replay buffer and sampling then live on the GPU)"""
+    compile: bool = False
+    """torch.compile the three update functions (for GPU runs; on CPU it does not pay)"""
+    track: bool = False
+    """log to Weights and Biases (needs wandb installed and a login)"""
+    wandb_project_name: str = "o2o-safe-rl"
+    """wandb project name"""
+    dataset_path: Optional[str] = None
+    """DSRL-format HDF5 file; default: DSRL cache, then datasets/<env-id>.hdf5, then download"""
+    save_dir: Optional[str] = None
+    """directory for the per-stage checkpoints, the online progress CSV and summary.json (default runs/<run-name>)"""
+    cost_limit: float = 20.0
+    """episode cost limit d, offline and online"""
+    eval_episodes: int = 10
+    """deterministic evaluation episodes, in a separate env"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target-network Polyak rate"""
+    reward_scale: float = 0.1
+    """rewards are multiplied by this in training (returns are reported unscaled)"""
+    hidden_sizes: Tuple[int, ...] = (256, 256)
+    """hidden layers of actor and critics"""
+
+    # --- which stages run (the paper's baselines and ablations)
+    pretrain: bool = True
+    """stage 1 (CPQ) and 2 (VPA); --no-pretrain is From Scratch: SAC-Lag from random networks, no offline data"""
+    vpa: bool = True
+    """stage 2; --no-vpa is Warm Start: the offline critics go online as they are"""
+    offline_checkpoint: Optional[str] = None
+    """skip stage 1 and start from this cpq.py / bear_lag.py checkpoint (e.g. one shared by several methods)"""
+
+    # --- stage 1: CPQ (cpq.py's defaults)
+    offline_steps: int = 100_000
+    """CPQ gradient steps"""
+    offline_batch_size: int = 512
+    """CPQ minibatch size"""
+    offline_eval_every: int = 5_000
+    """evaluate CPQ every this many steps; the best evaluation (cpq.py's threshold-aware rule) goes to stage 2"""
+    offline_actor_lr: float = 1e-4
+    """CPQ actor learning rate"""
+    offline_critic_lr: float = 1e-3
+    """CPQ reward and cost critic learning rate"""
+    vae_lr: float = 1e-3
+    """CPQ VAE learning rate"""
+    alpha_c_lr: float = 1e-4
+    """learning rate of CPQ's log α_c (OOD cost-penalty weight)"""
+    vae_hidden: int = 400
+    """VAE hidden width"""
+    kl_weight: float = 0.5
+    """β_kl of the VAE loss"""
+    num_ood_samples: int = 10
+    """policy actions sampled per state for CPQ's OOD penalty"""
+    ood_quantile: float = 0.75
+    """an action is OOD when its VAE KL is at or above this quantile of the batch"""
+    qc_thres_factor: float = 1.5
+    """qc_thres = factor · q_thres"""
+    ood_penalty: Literal["hinge", "linear"] = "hinge"
+    """CPQ's OOD cost penalty: hinge α_c·relu(qc_thres − Qc) (bounded) or linear −α_c·Qc (the paper's; diverges on
+    CarRun, see benchmark/results/cpq_divergence)"""
+    actor_escape: bool = True
+    """where Qc(s, ã) > q_thres the CPQ actor minimises Qc(s, ã) instead of getting no gradient"""
+
+    # --- stage 2: VPA (vpa.py's defaults)
+    vpa_steps: int = 20_000
+    """VPA TD steps (official schedule: 20 000 of minibatch 64)"""
+    vpa_batch_size: int = 64
+    """VPA minibatch size"""
+    alpha_vpa: Optional[float] = None
+    """α_vpa, entropy weight in the reward target (default 2 × the env's online α; see vpa.py)"""
+    alpha_c_vpa: Optional[float] = None
+    """α_c_vpa, entropy weight in the cost target (default α_vpa / 2); must be < α_vpa"""
+
+    # --- stage 3: SAC-Lag with a λ controller (sac_lag_apid.py's defaults)
+    online_episodes: Optional[int] = None
+    """online episodes (default per env: Ball*/Car* 500, DroneCircle 1000, others 5000)"""
+    episodes_per_iter: int = 5
+    """stochastic episodes collected per iteration (the λ controller sees their mean cost)"""
+    updates_per_iter: int = 20
+    """gradient steps per iteration"""
+    batch_size: int = 64
+    """online minibatch size"""
+    eval_every: int = 100
+    """evaluate every this many online episodes"""
+    lagrangian: Literal["apid", "pid", "dual", "fixed"] = "apid"
+    """λ rule: adaptive PID (Marvel), PID with fixed gains, dual ascent, or a constant"""
+    lagrangian_init: float = 0.0
+    """initial λ (the value used throughout with `fixed`)"""
+    kp: float = 0.05
+    """K_p⁰, proportional gain"""
+    ki: float = 0.01
+    """K_i⁰, integral gain"""
+    kd: float = 0.01
+    """K_d⁰, derivative gain"""
+    pid_delay: int = 10
+    """length of the history H used by the lagged derivative and the gain adaptation"""
+    pid_ema: float = 0.9
+    """ρ, EMA factor of the proportional term and the smoothed cost"""
+    adapt_rates: Tuple[float, float, float] = (0.05, 0.05, 0.05)
+    """a_p, a_i, a_d: gain adaptation rates of aPID"""
+    dual_lr: float = 0.01
+    """step size of `dual`: λ ← max(0, λ + lr·(J − d))"""
+    actor_lr: Optional[float] = None
+    """online actor learning rate (default per env, ALGORITHMS.md)"""
+    critic_lr: Optional[float] = None
+    """online (and VPA) reward critic learning rate (default per env)"""
+    cost_critic_lr: Optional[float] = None
+    """online (and VPA) cost critic learning rate (default per env)"""
+    alpha: Optional[float] = None
+    """online entropy coefficient α (default per env; the initial value with --autotune)"""
+    autotune: bool = False
+    """learn α towards the target entropy −|A|"""
+    alpha_lr: float = 3e-4
+    """learning rate of log α with --autotune"""
+
+
+# Per-env defaults of the official Marvel configuration: (actor lr, critic lr, cost critic lr, α, online episodes).
+ENV_DEFAULTS = {
+    "OfflineBallCircle-v0": (5e-5, 5e-3, 5e-3, 1e-3, 500), "OfflineBallRun-v0": (1e-5, 5e-3, 5e-3, 1e-3, 500),
+    "OfflineCarCircle-v0": (5e-4, 5e-3, 8e-3, 1e-3, 500), "OfflineCarRun-v0": (5e-5, 5e-3, 8e-3, 5e-3, 500),
+    "OfflineDroneCircle-v0": (5e-6, 8e-4, 2e-3, 5e-3, 1000), "OfflineDroneRun-v0": (2e-6, 8e-3, 5e-3, 1e-3, 5000),
+    "OfflineAntCircle-v0": (5e-5, 5e-4, 8e-4, 5e-5, 5000), "OfflineAntRun-v0": (5e-5, 2e-3, 5e-3, 1e-4, 5000),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dataset: find a DSRL-format HDF5 file, then load and validate it.
+DSRL_MIRROR = "https://huggingface.co/datasets/YYY-45/DSRL/resolve/main/"
+DSRL_KEYS = ("observations", "next_observations", "actions", "rewards", "costs", "terminals", "timeouts")
+
+
+class InputError(Exception):
+    """Bad input (dataset, checkpoint, flag): reported as one line and a non-zero exit, no traceback."""
+
+
+def download_file(url: str, dest: str, timeout: float = 30.0) -> None:
+    part = dest + ".part"  # never leave a half-written file under the final name
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
+        shutil.copyfileobj(response, f)
+    os.replace(part, dest)
+
+
+def find_dataset(env_id: str, dataset_url: str, dataset_path: Optional[str] = None,
+                 download: Callable[[str, str], None] = download_file) -> str:
+    """--dataset-path → DSRL cache → bundled datasets/<env-id>.hdf5 → download (DSRL, then HF mirror)."""
+    if dataset_path is not None:
+        if not os.path.isfile(dataset_path):
+            raise InputError(f"--dataset-path {dataset_path}: no such file")
+        return dataset_path
+    name = os.path.basename(dataset_url)
+    cache_dir = os.environ.get("DSRL_DATASET_DIR", os.path.expanduser("~/.dsrl/datasets"))
+    cached = os.path.join(cache_dir, name)
+    bundled = os.path.join(os.path.dirname(os.path.abspath(__file__)), "datasets", f"{env_id}.hdf5")
+    if os.path.isfile(cached):
+        return cached
+    if os.path.isfile(bundled):
+        print(f"dataset: {bundled} (this project's locally collected data, not DSRL's)")
+        return bundled
+    tried = [cached, bundled]
+    for url in (dataset_url, DSRL_MIRROR + name):
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            download(url, cached)
+            return cached
+        except Exception as e:  # any network/file failure: try the next source, report all at the end
+            tried.append(f"{url} ({type(e).__name__})")
+    raise InputError(f"no dataset for {env_id}; tried {', '.join(tried)}. Place the file at {cached} (or pass "
+                     f"--dataset-path), or make one: python benchmark/collect_dataset.py --env-id {env_id}")
+
+
+def load_dataset(path: str, obs_dim: int, act_dim: int) -> dict:
+    """Read the seven DSRL keys and check shapes against the env, dtypes and finiteness."""
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in DSRL_KEYS if k not in f]
+            if missing:
+                raise InputError(f"{path}: missing keys {missing}")
+            data = {k: f[k][()] for k in DSRL_KEYS}
+    except OSError as e:
+        raise InputError(f"{path}: not a readable HDF5 file ({e})") from None
+    n = len(data["observations"])
+    widths = {"observations": obs_dim, "next_observations": obs_dim, "actions": act_dim}
+    for k, v in data.items():
+        if k not in widths and v.ndim == 2 and v.shape[1] == 1:
+            v = data[k] = v[:, 0]  # DSRL tolerates (N, 1) for scalar keys
+        expected = (n, widths[k]) if k in widths else (n,)
+        if n == 0 or v.shape != expected:
+            raise InputError(f"{path}: '{k}' has shape {v.shape}, expected {expected} for this env")
+        if k in ("terminals", "timeouts"):
+            if not (v.dtype == np.bool_ or np.isin(v, (0, 1)).all()):
+                raise InputError(f"{path}: '{k}' must be boolean (0/1), got dtype {v.dtype}")
+        elif not np.issubdtype(v.dtype, np.floating):
+            raise InputError(f"{path}: '{k}' must be floating point, got dtype {v.dtype}")
+        elif not np.isfinite(v).all():
+            raise InputError(f"{path}: '{k}' has {int((~np.isfinite(v)).sum())} non-finite values")
+    return {k: v.astype(np.float32) for k, v in data.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Environment and evaluation.
+def make_env(env_id: str, seed: int) -> gym.Env:
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as e:
+        raise InputError(f"--env-id {env_id}: {e}") from None
+    env.action_space.seed(seed)  # Bullet ignores reset(seed=...); its reset noise comes from np.random
+    return env
+
+
+@torch.no_grad()
+def evaluate(actor: nn.Module, env: gym.Env, episodes: int, cost_limit: float, device: torch.device) -> dict:
+    """Deterministic episodes; raw and DSRL-normalised return and cost (means over episodes)."""
+    returns, costs = [], []
+    for _ in range(episodes):
+        obs, _ = env.reset()
+        done, ep_ret, ep_cost = False, 0.0, 0.0
+        while not done:
+            action, _ = actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None], deterministic=True)
+            obs, reward, terminated, truncated, info = env.step(action[0].cpu().numpy())
+            ep_ret, ep_cost, done = ep_ret + reward, ep_cost + info["cost"], terminated or truncated
+        returns.append(ep_ret)
+        costs.append(ep_cost)
+    env.unwrapped.set_target_cost(cost_limit)
+    norm_ret, norm_cost = env.unwrapped.get_normalized_score(np.mean(returns), np.mean(costs))
+    return {"return": float(np.mean(returns)), "cost": float(np.mean(costs)),
+            "normalized_return": float(norm_ret), "normalized_cost": float(norm_cost)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Networks shared by every file (identical copies, so checkpoints move between files with strict loading).
+def mlp(sizes, activate_last: bool = False) -> nn.Sequential:
+    layers = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if i < len(sizes) - 2 or activate_last:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class Actor(nn.Module):
+    """Tanh-squashed Gaussian policy a = tanh(u), u ~ N(μ(s), σ(s)); actions in [-1, 1]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: Tuple[int, ...]):
+        super().__init__()
+        self.trunk = mlp([obs_dim, *hidden_sizes], activate_last=True)
+        self.mu = nn.Linear(hidden_sizes[-1], act_dim)
+        self.log_std = nn.Linear(hidden_sizes[-1], act_dim)
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = False):
+        """Returns (action, log π(action|s)); log-prob is None for the deterministic action tanh(μ)."""
+        h = self.trunk(obs)
+        mu, log_std = self.mu(h), self.log_std(h).clamp(-20.0, 2.0)
+        if deterministic:
+            return torch.tanh(mu), None
+        u = mu + log_std.exp() * torch.randn_like(mu)
+        # log π(a|s) = log N(u; μ, σ) − Σ log(1 − tanh²u); the last term in its stable form 2(log2 − u − softplus(−2u))
+        log_prob = (-0.5 * ((u - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        log_prob = log_prob - (2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))).sum(-1)
+        return torch.tanh(u), log_prob
+
+
+class QEnsemble(nn.Module):
+    """`num_q` independent Q(s, a) MLPs with stacked weights, evaluated by one batched matmul per layer.
+    forward(obs (B, O), act (B, A)) -> (num_q, B)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: Tuple[int, ...], num_q: int):
+        super().__init__()
+        sizes = [obs_dim + act_dim, *hidden_sizes, 1]
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default initialisation, per member
+            self.weights.append(nn.Parameter(torch.empty(num_q, fan_in, fan_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(num_q, 1, fan_out).uniform_(-bound, bound)))
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, act], -1).expand(len(self.weights[0]), -1, -1)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(b, x, w)
+            if i < len(self.weights) - 1:
+                x = F.relu(x)
+        return x.squeeze(-1)
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: a dict of tensors and plain values, loadable with torch.load(path, weights_only=True).
+CHECKPOINT_FORMAT = "o2o-safe-rl/1"
+
+
+def save_checkpoint(path: str, checkpoint: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
+
+
+def load_checkpoint(path: str, env_id: str, obs_dim: int, act_dim: int, hidden_sizes: Tuple[int, ...]) -> dict:
+    """Load and check that the checkpoint belongs to this env and architecture (refuse, never drop weights)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path}: not an {CHECKPOINT_FORMAT} checkpoint")
+    found = (ckpt.get("env_id"), ckpt.get("obs_dim"), ckpt.get("act_dim"), tuple(ckpt.get("hidden_sizes") or ()))
+    if found != (env_id, obs_dim, act_dim, tuple(hidden_sizes)):
+        raise InputError(f"{path}: checkpoint is for (env, obs_dim, act_dim, hidden_sizes)={found}, "
+                         f"this run needs {(env_id, obs_dim, act_dim, tuple(hidden_sizes))}")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 1: CPQ (copied from cpq.py).
+def episode_q_threshold(cost_limit: float, gamma: float, horizon: int) -> float:
+    """Per-step Q budget of an episode budget d spread evenly over T steps: d·(1−γ^T)/((1−γ)·T)."""
+    return cost_limit * (1 - gamma ** horizon) / ((1 - gamma) * horizon)
+
+
+class VAE(nn.Module):
+    """State-conditional VAE of the behaviour policy (BCQ style); its encoder's KL scores how OOD an action is."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int):
+        super().__init__()
+        self.latent_dim = 2 * act_dim
+        self.encoder = mlp([obs_dim + act_dim, hidden, hidden], activate_last=True)
+        self.z_mean, self.z_log_std = nn.Linear(hidden, self.latent_dim), nn.Linear(hidden, self.latent_dim)
+        self.decoder = mlp([obs_dim + self.latent_dim, hidden, hidden, act_dim])
+
+    def encode(self, obs, act):
+        h = self.encoder(torch.cat([obs, act], -1))
+        return self.z_mean(h), self.z_log_std(h).clamp(-4.0, 15.0)
+
+    def decode(self, obs, z=None):
+        if z is None:  # prior sample, clipped as in BCQ so decoded actions stay near the data
+            z = torch.randn(*obs.shape[:-1], self.latent_dim, device=obs.device).clamp(-0.5, 0.5)
+        return torch.tanh(self.decoder(torch.cat([obs, z], -1)))
+
+    @staticmethod
+    def _kl(mean, log_std):
+        """KL(N(mean, σ²) ‖ N(0, I)) per sample."""
+        return 0.5 * (mean.pow(2) + (2 * log_std).exp() - 2 * log_std - 1).sum(-1)
+
+    def kl(self, obs, act):
+        return self._kl(*self.encode(obs, act))
+
+    def loss(self, obs, act):
+        """(reconstruction MSE, mean KL) of the ELBO."""
+        mean, log_std = self.encode(obs, act)
+        recon = self.decode(obs, mean + log_std.exp() * torch.randn_like(mean))
+        return F.mse_loss(recon, act), self._kl(mean, log_std).mean()
+
+
+class CPQ(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, q_thres: float):
+        super().__init__()
+        self.args, self.q_thres, self.qc_thres = args, q_thres, args.qc_thres_factor * q_thres
+        self.actor = Actor(obs_dim, act_dim, args.hidden_sizes)
+        self.critic = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=2)
+        self.cost_critic = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=1)
+        self.critic_target = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=2)
+        self.cost_critic_target = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=1)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.cost_critic_target.load_state_dict(self.cost_critic.state_dict())
+        self.vae = VAE(obs_dim, act_dim, args.vae_hidden)
+        self.log_alpha_c = nn.Parameter(torch.zeros(()))
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr)
+        self.cost_critic_opt = torch.optim.Adam(self.cost_critic.parameters(), lr=args.critic_lr)
+        self.vae_opt = torch.optim.Adam(self.vae.parameters(), lr=args.vae_lr)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha_c], lr=args.alpha_lr)
+
+    def ood_samples(self, obs):
+        """N policy actions per state; the OOD ones are the top (1 − ood_quantile) of them by VAE KL.
+        Returns (states, actions) of the OOD pairs. top-k equals `kl >= quantile(kl, q)` (barring ties) without
+        the host sync a boolean mask would need."""
+        args = self.args
+        obs_rep = obs.repeat_interleave(args.num_ood_samples, 0)
+        act_pi, _ = self.actor(obs_rep)
+        kl = self.vae.kl(obs_rep, act_pi)
+        num_ood = len(kl) - math.ceil(args.ood_quantile * (len(kl) - 1))
+        ood = kl.topk(num_ood).indices
+        return obs_rep[ood], act_pi[ood]
+
+    def cost_critic_loss(self, obs, act, cost, next_obs, term, next_act):
+        """L_c = MSE(Qc(s,a), y_c) + OOD penalty; returns (loss, TD part, mean Qc(s, a_ood) detached)."""
+        args = self.args
+        with torch.no_grad():
+            y_c = cost + args.gamma * (1 - term) * self.cost_critic_target(next_obs, next_act)[0]
+            obs_ood, act_ood = self.ood_samples(obs)
+        # one forward for the data pairs and the OOD pairs; gradient flows into Qc through both
+        qc_all = self.cost_critic(torch.cat([obs, obs_ood]), torch.cat([act, act_ood]))[0]
+        qc, qc_ood = qc_all[:len(obs)], qc_all[len(obs):]
+        td = F.mse_loss(qc, y_c)
+        alpha_c = self.log_alpha_c.exp().detach()
+        if args.ood_penalty == "hinge":
+            penalty = alpha_c * F.relu(self.qc_thres - qc_ood).mean()
+        else:
+            penalty = -alpha_c * qc_ood.mean()
+        return td + penalty, td, qc_ood.mean().detach()
+
+    def update(self, obs, act, reward, cost, next_obs, term) -> dict:
+        args = self.args
+        # 1. behaviour VAE
+        recon, kl = self.vae.loss(obs, act)
+        vae_loss = recon + args.kl_weight * kl
+        self.vae_opt.zero_grad(set_to_none=True)
+        vae_loss.backward()
+        self.vae_opt.step()
+
+        # 2. cost critic with the OOD penalty (gradient flows into Qc through qc_ood)
+        with torch.no_grad():
+            next_act, _ = self.actor(next_obs)
+        cost_loss, cost_td, qc_ood = self.cost_critic_loss(obs, act, cost, next_obs, term, next_act)
+        self.cost_critic_opt.zero_grad(set_to_none=True)
+        cost_loss.backward()
+        self.cost_critic_opt.step()
+
+        # 3. dual ascent on log α_c: raise α_c while mean Qc(s, a_ood) < qc_thres
+        alpha_loss = self.log_alpha_c * (qc_ood - self.qc_thres)
+        self.alpha_opt.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_opt.step()
+        with torch.no_grad():
+            self.log_alpha_c.clamp_(-5.0, 5.0)
+
+        # 4. reward critic: bootstrap only through next actions the cost critic deems safe
+        with torch.no_grad():
+            safe_next = (self.cost_critic_target(next_obs, next_act)[0] <= self.q_thres).float()
+            y = reward + args.gamma * (1 - term) * safe_next * self.critic_target(next_obs, next_act).min(0).values
+        critic_loss = F.mse_loss(self.critic(obs, act), y.expand(2, -1), reduction="none").mean(1).sum()
+        self.critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_opt.step()
+
+        # 5. actor: maximise the reward value where the cost value is within budget; elsewhere (escape) lower it
+        act_pi, _ = self.actor(obs)
+        qc_pi = self.cost_critic(obs, act_pi)[0]
+        safe = (qc_pi <= self.q_thres).float().detach()
+        actor_loss = -(safe * self.critic(obs, act_pi).min(0).values).mean()
+        if args.actor_escape:
+            actor_loss = actor_loss + ((1 - safe) * qc_pi).mean()
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_opt.step()
+
+        # 6. targets
+        soft_update(self.critic_target, self.critic, args.tau)
+        soft_update(self.cost_critic_target, self.cost_critic, args.tau)
+        return {"losses/vae": vae_loss.detach(), "losses/cost_critic_td": cost_td.detach(),
+                "losses/qc_ood": qc_ood, "losses/alpha_c": self.log_alpha_c.detach().exp(),
+                "losses/critic": critic_loss.detach(), "losses/actor": actor_loss.detach(),
+                "losses/safe_fraction": safe.mean()}
+
+    def checkpoint(self, args: Args, env_id: str, obs_dim: int, act_dim: int, step: int) -> dict:
+        return {"algo": "cpq", "env_id": env_id, "obs_dim": obs_dim, "act_dim": act_dim,
+                "hidden_sizes": list(args.hidden_sizes), "reward_scale": args.reward_scale,
+                "cost_limit": args.cost_limit, "step": step,
+                "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
+                "critic_target": self.critic_target.state_dict(), "cost_critic": self.cost_critic.state_dict(),
+                "cost_critic_target": self.cost_critic_target.state_dict(),
+                "vae": self.vae.state_dict(), "log_alpha_c": self.log_alpha_c.detach().clone(),
+                "lagrange": None, "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(args).items()}}
+
+
+def is_better(result: dict, best: Optional[dict]) -> bool:
+    """Threshold-aware selection: among safe evaluations (normalised cost ≤ 1) the highest return; a safe one
+    beats any unsafe one; among unsafe ones the lowest cost."""
+    if best is None:
+        return True
+    safe, best_safe = result["normalized_cost"] <= 1, best["normalized_cost"] <= 1
+    if safe != best_safe:
+        return safe
+    return result["return"] > best["return"] if safe else result["cost"] < best["cost"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 2: VPA (copied from vpa.py).
+def vpa_targets(batch: dict, actor: nn.Module, critic_target: nn.Module, cost_critic_target: nn.Module,
+                gamma: float, alpha: float, alpha_c: float):
+    """y = r + γ(1−term)[min Q'(s',a') − α log μ(a'|s')],  y_c = c + γ(1−term)[Qc'(s',a') − α_c log μ(a'|s')],
+    one a' ~ μ(·|s') for both. `batch` holds DSRL keys (rewards already scaled); its `timeouts` are deliberately
+    unused: a time-limit truncation still bootstraps. Returns (y, y_c, log μ(a'|s'))."""
+    with torch.no_grad():
+        next_obs, not_done = batch["next_observations"], 1.0 - batch["terminals"]
+        next_act, log_mu = actor(next_obs)
+        soft_q = critic_target(next_obs, next_act).min(0).values - alpha * log_mu
+        soft_qc = cost_critic_target(next_obs, next_act)[0] - alpha_c * log_mu
+        return batch["rewards"] + gamma * not_done * soft_q, batch["costs"] + gamma * not_done * soft_qc, log_mu
+
+
+class VPA(nn.Module):
+    """Frozen actor μ, trained critics Q (2-ensemble) and Qc, their Polyak targets."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes: Tuple[int, ...], args: Args):
+        super().__init__()
+        self.args = args
+        self.actor = Actor(obs_dim, act_dim, hidden_sizes).requires_grad_(False)  # μ is never trained
+        self.critic = QEnsemble(obs_dim, act_dim, hidden_sizes, num_q=2)
+        self.cost_critic = QEnsemble(obs_dim, act_dim, hidden_sizes, num_q=1)
+        self.critic_target = QEnsemble(obs_dim, act_dim, hidden_sizes, num_q=2).requires_grad_(False)
+        self.cost_critic_target = QEnsemble(obs_dim, act_dim, hidden_sizes, num_q=1).requires_grad_(False)
+        # fresh Adam (the offline optimizer state would carry the offline lrs); the two losses are independent,
+        # so one backward of their sum serves both parameter groups; fused: ~1.3× steps/s on CPU at batch 64
+        self.critics_opt = torch.optim.Adam([{"params": self.critic.parameters(), "lr": args.critic_lr},
+                                             {"params": self.cost_critic.parameters(), "lr": args.cost_critic_lr}],
+                                            fused=True)
+
+    def load(self, ckpt: dict, path: str) -> None:
+        """Actor, critics and targets from the checkpoint, strictly (a mismatch is refused, never dropped)."""
+        for name in ("actor", "critic", "critic_target", "cost_critic", "cost_critic_target"):
+            try:
+                getattr(self, name).load_state_dict(ckpt[name])
+            except (KeyError, RuntimeError) as e:
+                raise InputError(f"{path}: '{name}' does not fit this architecture ({str(e).splitlines()[0]})")
+
+    def update(self, batch: dict) -> dict:
+        args = self.args
+        y, y_c, log_mu = vpa_targets(batch, self.actor, self.critic_target, self.cost_critic_target,
+                                     args.gamma, args.alpha_vpa, args.alpha_c_vpa)
+        obs, act = batch["observations"], batch["actions"]
+        q, qc = self.critic(obs, act), self.cost_critic(obs, act)[0]
+        critic_loss = F.mse_loss(q, y.expand(2, -1), reduction="none").mean(1).sum()  # Σ_i MSE(Q_i, y)
+        cost_critic_loss = F.mse_loss(qc, y_c)
+        self.critics_opt.zero_grad(set_to_none=True)
+        (critic_loss + cost_critic_loss).backward()
+        self.critics_opt.step()
+        soft_update(self.critic_target, self.critic, args.tau)
+        soft_update(self.cost_critic_target, self.cost_critic, args.tau)
+        return {"losses/critic": critic_loss.detach(), "losses/cost_critic": cost_critic_loss.detach(),
+                "losses/q_data": q.detach().min(0).values.mean(), "losses/qc_data": qc.detach().mean(),
+                "losses/entropy_mu": -log_mu.mean()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 3: SAC-Lag with the λ controllers (copied from sac_lag_apid.py).
+# Lagrange multiplier controllers: update(J) once per iteration with J = mean episode cost of its episodes.
+class AdaptivePIDLagrangian:
+    """aPID (Marvel §3.2). With adaptive=False it is the fixed-gain PID Lagrangian.
+        e = J − d;  I ← max(0, I + K_i·e);  p ← ρp + (1−ρ)e;  c̄ ← ρc̄ + (1−ρ)J;  D = max(0, c̄ − H[oldest])
+        λ = max(0, K_p·p + I + K_d·D);  then H.append(c̄) and, with c̃ = mean(H) + 0.1, σ = std(H):
+        K_p ← K_p·max(0, 1 + a_p(c̃ − d)/c̃),  K_i ← K_i·max(0, 1 + a_i(c̃ − d)/c̃),  K_d ← K_d·(1 + a_d·σ/c̃),
+        each clipped to [K⁰/10, 10·K⁰]: gains grow while costs run above the limit and shrink below it."""
+
+    def __init__(self, cost_limit: float, kp: float, ki: float, kd: float, delay: int = 10, ema: float = 0.9,
+                 adapt_rates: Tuple[float, float, float] = (0.05, 0.05, 0.05), adaptive: bool = True):
+        self.cost_limit, self.ema, self.adapt_rates, self.adaptive = cost_limit, ema, tuple(adapt_rates), adaptive
+        self.gains0 = (kp, ki, kd)
+        self.kp, self.ki, self.kd = kp, ki, kd
+        self.integral = self.proportional = self.smoothed_cost = self.lam = 0.0
+        self.history = deque([0.0], maxlen=delay)
+
+    def update(self, episode_cost: float) -> float:
+        error = episode_cost - self.cost_limit
+        self.integral = max(0.0, self.integral + self.ki * error)
+        self.proportional = self.ema * self.proportional + (1 - self.ema) * error
+        self.smoothed_cost = self.ema * self.smoothed_cost + (1 - self.ema) * episode_cost
+        derivative = max(0.0, self.smoothed_cost - self.history[0])
+        self.lam = max(0.0, self.kp * self.proportional + self.integral + self.kd * derivative)
+        self.history.append(self.smoothed_cost)
+        if self.adaptive:
+            c = float(np.mean(self.history)) + 0.1
+            spread = float(np.std(self.history))
+            a_p, a_i, a_d = self.adapt_rates
+            gains = (self.kp * max(0.0, 1 + a_p * (c - self.cost_limit) / c),
+                     self.ki * max(0.0, 1 + a_i * (c - self.cost_limit) / c),
+                     self.kd * (1 + a_d * spread / c))
+            self.kp, self.ki, self.kd = (min(max(k, k0 / 10), 10 * k0) for k, k0 in zip(gains, self.gains0))
+        return self.lam
+
+    def state_dict(self) -> dict:
+        return {"kind": "apid" if self.adaptive else "pid", "lam": self.lam, "kp": self.kp, "ki": self.ki,
+                "kd": self.kd, "integral": self.integral, "proportional": self.proportional,
+                "smoothed_cost": self.smoothed_cost, "history": list(self.history)}
+
+
+class DualAscentLagrangian:
+    """λ ← max(0, λ + η·(J − d)): projected gradient ascent on the Lagrangian dual."""
+
+    def __init__(self, cost_limit: float, lr: float, lam: float = 0.0):
+        self.cost_limit, self.lr, self.lam = cost_limit, lr, lam
+
+    def update(self, episode_cost: float) -> float:
+        self.lam = max(0.0, self.lam + self.lr * (episode_cost - self.cost_limit))
+        return self.lam
+
+    def state_dict(self) -> dict:
+        return {"kind": "dual", "lam": self.lam, "lr": self.lr}
+
+
+class FixedLagrangian:
+    def __init__(self, lam: float):
+        self.lam = lam
+
+    def update(self, episode_cost: float) -> float:
+        return self.lam
+
+    def state_dict(self) -> dict:
+        return {"kind": "fixed", "lam": self.lam}
+
+
+def make_lagrangian(args: Args):
+    if args.lagrangian in ("apid", "pid"):
+        return AdaptivePIDLagrangian(args.cost_limit, args.kp, args.ki, args.kd, args.pid_delay, args.pid_ema,
+                                     args.adapt_rates, adaptive=args.lagrangian == "apid")
+    if args.lagrangian == "dual":
+        return DualAscentLagrangian(args.cost_limit, args.dual_lr, args.lagrangian_init)
+    return FixedLagrangian(args.lagrangian_init)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Online data: episodes run side by side (one batched actor call per step), stored in a device-resident ring buffer.
+REPLAY_KEYS = ("observations", "actions", "rewards", "costs", "next_observations", "terminals")
+
+
+@torch.no_grad()
+def collect_episodes(envs, actor: nn.Module, device: torch.device, deterministic: bool = False):
+    """One episode in each env. Returns (transitions dict of float32 arrays, episode returns, episode costs)."""
+    obs = np.stack([env.reset()[0] for env in envs]).astype(np.float32)
+    running = np.ones(len(envs), dtype=bool)
+    returns, costs = np.zeros(len(envs)), np.zeros(len(envs))
+    steps = {k: [] for k in REPLAY_KEYS}
+    while running.any():
+        live = np.flatnonzero(running)
+        actions, _ = actor(torch.as_tensor(obs[live], device=device), deterministic=deterministic)
+        actions = actions.cpu().numpy()
+        for i, action in zip(live, actions):
+            next_obs, reward, terminated, truncated, info = envs[i].step(action)
+            for k, v in zip(REPLAY_KEYS, (obs[i], action, reward, info["cost"], next_obs, terminated)):
+                steps[k].append(v)
+            returns[i] += reward
+            costs[i] += info["cost"]
+            obs[i] = next_obs
+            running[i] = not (terminated or truncated)
+    return {k: np.asarray(v, dtype=np.float32) for k, v in steps.items()}, returns, costs
+
+
+class ReplayBuffer:
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        widths = {"observations": obs_dim, "next_observations": obs_dim, "actions": act_dim}
+        self.data = {k: torch.zeros((capacity, widths[k]) if k in widths else (capacity,), device=device)
+                     for k in REPLAY_KEYS}
+        self.capacity, self.size, self.pos = capacity, 0, 0
+
+    def add(self, batch: dict) -> None:
+        n = len(batch["rewards"])
+        idx = torch.arange(self.pos, self.pos + n) % self.capacity
+        for k, v in batch.items():
+            self.data[k][idx] = torch.as_tensor(v).to(self.data[k].device)
+        self.pos, self.size = (self.pos + n) % self.capacity, min(self.size + n, self.capacity)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> list:
+        idx = torch.randint(self.size, (batch_size,), device=generator.device, generator=generator)
+        return [self.data[k][idx] for k in REPLAY_KEYS]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SAC-Lagrangian.
+class SACLag(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, lrs: Tuple[float, float, float], alpha: float):
+        super().__init__()
+        self.args = args
+        self.actor = Actor(obs_dim, act_dim, args.hidden_sizes)
+        self.critic = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=2)
+        self.cost_critic = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=1)
+        self.critic_target = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=2)
+        self.cost_critic_target = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=1)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.cost_critic_target.load_state_dict(self.cost_critic.state_dict())
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(alpha)), requires_grad=args.autotune)
+        self.target_entropy = -float(act_dim)
+        actor_lr, critic_lr, cost_critic_lr = lrs
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=actor_lr)
+        # both critics in one optimizer (two lrs): their losses are independent, so one backward serves both
+        self.critics_opt = torch.optim.Adam([{"params": self.critic.parameters(), "lr": critic_lr},
+                                             {"params": self.cost_critic.parameters(), "lr": cost_critic_lr}])
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=args.alpha_lr) if args.autotune else None
+
+    def load(self, ckpt: dict) -> None:
+        """Networks from a checkpoint, strictly; optimizer state is not loaded (it would carry offline lrs)."""
+        for name in ("actor", "critic", "critic_target", "cost_critic", "cost_critic_target"):
+            try:
+                getattr(self, name).load_state_dict(ckpt[name])
+            except (KeyError, RuntimeError) as e:
+                raise InputError(f"checkpoint '{name}' does not fit this architecture ({str(e).splitlines()[0]})")
+
+    def critic_targets(self, reward, cost, next_obs, term):
+        """y = r + γ(1−term)(min Q'(s',a') − α log π(a'|s')),  y_c = c + γ(1−term)·Qc'(s',a')."""
+        with torch.no_grad():
+            next_act, next_log_prob = self.actor(next_obs)
+            soft_value = self.critic_target(next_obs, next_act).min(0).values - self.log_alpha.exp() * next_log_prob
+            y = reward + self.args.gamma * (1 - term) * soft_value
+            y_c = cost + self.args.gamma * (1 - term) * self.cost_critic_target(next_obs, next_act)[0]
+        return y, y_c
+
+    def actor_loss(self, obs, lam: float):
+        """L_π = mean(α log π(ã|s) − min Q(s,ã) + λ Qc(s,ã)) with the online critics."""
+        act, log_prob = self.actor(obs)
+        q = self.critic(obs, act).min(0).values
+        qc = self.cost_critic(obs, act)[0]
+        return (self.log_alpha.exp().detach() * log_prob - q + lam * qc).mean(), log_prob, qc
+
+    def update(self, obs, act, reward, cost, next_obs, term, lam: float) -> dict:
+        y, y_c = self.critic_targets(reward, cost, next_obs, term)
+        critic_loss = F.mse_loss(self.critic(obs, act), y.expand(2, -1), reduction="none").mean(1).sum()
+        cost_critic_loss = F.mse_loss(self.cost_critic(obs, act)[0], y_c)
+        self.critics_opt.zero_grad(set_to_none=True)
+        (critic_loss + cost_critic_loss).backward()
+        self.critics_opt.step()
+
+        self.critic.requires_grad_(False)  # the actor step needs gradients w.r.t. actions only
+        self.cost_critic.requires_grad_(False)
+        actor_loss, log_prob, qc = self.actor_loss(obs, lam)
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_opt.step()
+        self.critic.requires_grad_(True)
+        self.cost_critic.requires_grad_(True)
+
+        if self.alpha_opt is not None:  # α ← minimise −α(log π + H̄)
+            alpha_loss = -(self.log_alpha.exp() * (log_prob.detach() + self.target_entropy)).mean()
+            self.alpha_opt.zero_grad(set_to_none=True)
+            alpha_loss.backward()
+            self.alpha_opt.step()
+        soft_update(self.critic_target, self.critic, self.args.tau)
+        soft_update(self.cost_critic_target, self.cost_critic, self.args.tau)
+        return {"losses/critic": critic_loss.detach(), "losses/cost_critic": cost_critic_loss.detach(),
+                "losses/actor": actor_loss.detach(), "losses/qc_pi": qc.detach().mean(),
+                "losses/alpha": self.log_alpha.detach().exp(), "losses/entropy": -log_prob.detach().mean()}
+
+    def checkpoint(self, args: Args, env_id: str, obs_dim: int, act_dim: int, step: int, algo: str,
+                   lagrangian) -> dict:
+        return {"algo": algo, "env_id": env_id, "obs_dim": obs_dim, "act_dim": act_dim,
+                "hidden_sizes": list(args.hidden_sizes), "reward_scale": args.reward_scale,
+                "cost_limit": args.cost_limit, "step": step,
+                "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
+                "critic_target": self.critic_target.state_dict(), "cost_critic": self.cost_critic.state_dict(),
+                "cost_critic_target": self.cost_critic_target.state_dict(), "log_alpha": self.log_alpha.detach(),
+                "optimizers": {"actor": self.actor_opt.state_dict(), "critics": self.critics_opt.state_dict()},
+                "lagrange": lagrangian.state_dict(),
+                "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(args).items()}}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pipeline: one function per stage, each returning what the next one starts from.
+def log_scalars(writer: SummaryWriter, prefix: str, info: dict, step: int) -> None:
+    """One host sync for a dict of 0-dim tensors (never a .item() per value)."""
+    for tag, value in zip(info, torch.stack(list(info.values())).tolist()):
+        writer.add_scalar(prefix + tag, value, step)
+
+
+def pretrain(args: Args, data: dict, env: gym.Env, writer: SummaryWriter, progress: tqdm, save_path: str,
+             device: torch.device) -> dict:
+    """Stage 1, CPQ (cpq.py). Returns the best evaluated checkpoint, also saved to `save_path`."""
+    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
+    # CPQ reads its learning rates under the names its own Args uses
+    cpq_args = replace(args, actor_lr=args.offline_actor_lr, critic_lr=args.offline_critic_lr,
+                       alpha_lr=args.alpha_c_lr)
+    agent = CPQ(obs_dim, act_dim, cpq_args, episode_q_threshold(args.cost_limit, args.gamma,
+                                                                env.spec.max_episode_steps)).to(device)
+    update = torch.compile(agent.update) if args.compile else agent.update
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    num_transitions, best = len(data["rewards"]), None
+    progress.reset(total=args.offline_steps)
+    progress.set_description("1/3 cpq")
+    for step in range(1, args.offline_steps + 1):
+        idx = torch.randint(num_transitions, (args.offline_batch_size,), device=device, generator=generator)
+        info = update(data["observations"][idx], data["actions"][idx], data["rewards"][idx], data["costs"][idx],
+                      data["next_observations"][idx], data["terminals"][idx])
+        if step % 100 == 0:  # one host sync per 100 steps
+            log_scalars(writer, "offline/", info, step)
+        if step % args.offline_eval_every == 0 or step == args.offline_steps:
+            result = evaluate(agent.actor, env, args.eval_episodes, args.cost_limit, device)
+            for k, v in result.items():
+                writer.add_scalar(f"offline/eval/{k}", v, step)
+            progress.set_postfix(ret=f"{result['return']:.1f}", cost=f"{result['cost']:.1f}")
+            if is_better(result, best and best["eval"]):
+                # deep copy: the state dicts hold the live parameters, which keep training
+                best = copy.deepcopy({**agent.checkpoint(cpq_args, args.env_id, obs_dim, act_dim, step),
+                                      "eval": {**result, "step": step}})
+                save_checkpoint(save_path, best)
+        progress.update()
+    return best
+
+
+def align(args: Args, data: dict, offline: dict, env: gym.Env, writer: SummaryWriter, progress: tqdm,
+          save_path: str, device: torch.device) -> dict:
+    """Stage 2, VPA (vpa.py): re-fit both critics of `offline` to its frozen actor. Returns the aligned checkpoint,
+    also saved to `save_path`."""
+    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
+    agent = VPA(obs_dim, act_dim, args.hidden_sizes, args).to(device)
+    agent.load(offline, "offline checkpoint")
+    update = torch.compile(agent.update) if args.compile else agent.update
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    num_transitions = len(data["rewards"])
+    progress.reset(total=args.vpa_steps)
+    progress.set_description("2/3 vpa")
+    for step in range(1, args.vpa_steps + 1):
+        idx = torch.randint(num_transitions, (args.vpa_batch_size,), device=device, generator=generator)
+        info = update({k: v[idx] for k, v in data.items()})
+        if step % 100 == 0:
+            log_scalars(writer, "vpa/", info, step)
+        progress.update()
+    result = evaluate(agent.actor, env, args.eval_episodes, args.cost_limit, device)  # μ is unchanged
+    for k, v in result.items():
+        writer.add_scalar(f"vpa/eval/{k}", v, args.vpa_steps)
+    aligned = {k: v for k, v in offline.items() if k not in ("format", "optimizers")}
+    aligned.update({"algo": f"{offline['algo']}+vpa", "step": args.vpa_steps, "critic": agent.critic.state_dict(),
+                    "critic_target": agent.critic_target.state_dict(),
+                    "cost_critic": agent.cost_critic.state_dict(),
+                    "cost_critic_target": agent.cost_critic_target.state_dict(), "lagrange": None,
+                    "args": asdict(args), "eval": {**result, "step": args.vpa_steps}})
+    save_checkpoint(save_path, aligned)
+    return aligned
+
+
+def finetune(args: Args, init: Optional[dict], env: gym.Env, writer: SummaryWriter, progress: tqdm,
+             save_path: str, device: torch.device) -> dict:
+    """Stage 3, SAC-Lag with the λ controller (sac_lag_apid.py), from `init` (None: from scratch)."""
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    envs = [make_env(args.env_id, args.seed + i) for i in range(args.episodes_per_iter)]
+    agent = SACLag(obs_dim, act_dim, args, (args.actor_lr, args.critic_lr, args.cost_critic_lr), args.alpha).to(device)
+    algo = "sac_lag"
+    if init is not None:
+        agent.load(init)
+        algo = f"{init['algo']}+sac_lag"
+    update = torch.compile(agent.update) if args.compile else agent.update
+    lagrangian = make_lagrangian(args)
+    replay = ReplayBuffer(args.online_episodes * env.spec.max_episode_steps, obs_dim, act_dim, device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    csv_path = save_path.removesuffix(".pt") + "_progress.csv"
+    csv = open(csv_path, "w")
+    csv.write("episodes,env_steps,return,cost,lambda,kp,ki,kd,violations,cumulative_cost,"
+              "eval_return,eval_cost,eval_normalized_return,eval_normalized_cost\n")
+
+    def log_eval(episodes_done: int, env_steps: int) -> dict:
+        result = evaluate(agent.actor, env, args.eval_episodes, args.cost_limit, device)
+        for k, v in result.items():
+            writer.add_scalar(f"eval/{k}", v, env_steps)
+        csv.write(f"{episodes_done},{env_steps},,,,,,,,," + ",".join(f"{result[k]:.4f}" for k in (
+            "return", "cost", "normalized_return", "normalized_cost")) + "\n")
+        return result
+
+    env_steps = episodes_done = violations = 0
+    cumulative_cost, interrupted, start = 0.0, False, time.time()
+    last_eval = log_eval(0, 0)
+    lam = lagrangian.lam
+    progress.reset(total=args.online_episodes)
+    progress.set_description("3/3 online")
+    try:
+        while episodes_done < args.online_episodes:
+            n = min(args.episodes_per_iter, args.online_episodes - episodes_done)
+            batch, returns, costs = collect_episodes(envs[:n], agent.actor, device)
+            replay.add({**batch, "rewards": batch["rewards"] * args.reward_scale})
+            env_steps += len(batch["rewards"])
+            episodes_done += n
+            violations += int((costs > args.cost_limit).sum())
+            cumulative_cost += float(costs.sum())
+            lam = lagrangian.update(float(costs.mean()))  # one controller update per iteration
+            for _ in range(args.updates_per_iter):
+                info = update(*replay.sample(args.batch_size, generator), lam=lam)
+            log_scalars(writer, "", info, env_steps)  # one sync per iteration
+            gains = [getattr(lagrangian, k, float("nan")) for k in ("kp", "ki", "kd")]
+            scalars = {"charts/episodic_return": returns.mean(), "charts/episodic_cost": costs.mean(),
+                       "lagrange/lambda": lam, "lagrange/kp": gains[0], "lagrange/ki": gains[1],
+                       "lagrange/kd": gains[2], "charts/online_violations": violations,
+                       "charts/cumulative_cost": cumulative_cost, "charts/SPS": env_steps / (time.time() - start)}
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, value, env_steps)
+            csv.write(f"{episodes_done},{env_steps},{returns.mean():.4f},{costs.mean():.4f},{lam:.6f},"
+                      + ",".join(f"{g:.6g}" for g in gains) + f",{violations},{cumulative_cost:.1f},,,,\n")
+            if episodes_done // args.eval_every > (episodes_done - n) // args.eval_every:
+                last_eval = log_eval(episodes_done, env_steps)
+            progress.update(n)
+            progress.set_postfix(ret=f"{returns.mean():.0f}", cost=f"{costs.mean():.1f}", lam=f"{lam:.3f}")
+    except KeyboardInterrupt:  # keep the work done so far
+        save_path, interrupted = save_path.removesuffix(".pt") + "_interrupted.pt", True
+    if episodes_done % args.eval_every != 0:
+        last_eval = log_eval(episodes_done, env_steps)
+    csv.close()
+    ckpt = agent.checkpoint(args, args.env_id, obs_dim, act_dim, env_steps, algo, lagrangian)
+    save_checkpoint(save_path, {**ckpt, "eval": last_eval})
+    return {"eval": last_eval, "online_violations": violations, "cumulative_cost": cumulative_cost,
+            "episodes": episodes_done, "lambda": lam, "interrupted": interrupted, "checkpoint": save_path}
+
+
+def resolve_defaults(args: Args) -> Args:
+    """Per-env online defaults (ENV_DEFAULTS) and the VPA α defaults of vpa.py; checks the flags."""
+    if args.env_id not in ENV_DEFAULTS:
+        raise InputError(f"--env-id {args.env_id}: no online defaults; choose one of {sorted(ENV_DEFAULTS)}")
+    actor_lr, critic_lr, cost_critic_lr, alpha, episodes = ENV_DEFAULTS[args.env_id]
+    alpha_vpa = args.alpha_vpa if args.alpha_vpa is not None else 2 * alpha
+    args = replace(args, actor_lr=args.actor_lr or actor_lr, critic_lr=args.critic_lr or critic_lr,
+                   cost_critic_lr=args.cost_critic_lr or cost_critic_lr,
+                   alpha=args.alpha if args.alpha is not None else alpha, alpha_vpa=alpha_vpa,
+                   alpha_c_vpa=args.alpha_c_vpa if args.alpha_c_vpa is not None else alpha_vpa / 2,
+                   online_episodes=args.online_episodes if args.online_episodes is not None else episodes)
+    budgets = [args.offline_steps, args.offline_batch_size, args.offline_eval_every, args.vpa_steps,
+               args.vpa_batch_size, args.episodes_per_iter, args.updates_per_iter, args.batch_size,
+               args.eval_every, args.eval_episodes, args.online_episodes]
+    if min(budgets) < 1 or args.alpha <= 0:
+        raise InputError("budgets, sizes and intervals must be >= 1 and --alpha > 0")
+    if not 0 <= args.alpha_c_vpa < args.alpha_vpa:
+        raise InputError(f"need 0 <= --alpha-c-vpa < --alpha-vpa (the paper's condition), got "
+                         f"{args.alpha_c_vpa} and {args.alpha_vpa}")
+    if args.offline_checkpoint and not args.pretrain:
+        raise InputError("--offline-checkpoint and --no-pretrain contradict each other")
+    return args
+
+
+def main(args: Args) -> dict:
+    args = resolve_defaults(args)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    save_dir = args.save_dir or os.path.join("runs", run_name)
+    random.seed(args.seed)
+    np.random.seed(args.seed)  # also Bullet's reset noise
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    env = make_env(args.env_id, args.seed + 10_000)  # evaluation env, separate from the online ones
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+
+    offline = data = None
+    if args.offline_checkpoint:  # read first: a bad path fails before any work
+        offline = load_checkpoint(args.offline_checkpoint, args.env_id, obs_dim, act_dim, args.hidden_sizes)
+        if offline["reward_scale"] != args.reward_scale:
+            raise InputError(f"{args.offline_checkpoint}: reward_scale {offline['reward_scale']} != "
+                             f"--reward-scale {args.reward_scale}")
+    if args.pretrain and (args.vpa or offline is None):
+        path = find_dataset(args.env_id, env.unwrapped.dataset_url, args.dataset_path)
+        data = {k: torch.as_tensor(v, device=device) for k, v in load_dataset(path, obs_dim, act_dim).items()}
+        data["rewards"] = data["rewards"] * args.reward_scale
+        print(f"{args.env_id}: {len(data['rewards'])} transitions from {path} on {device}")
+    stages = ([] if not args.pretrain else ["loaded" if offline else "cpq"] + (["vpa"] if args.vpa else [])) + ["online"]
+    print(f"stages: {' → '.join(stages)}; checkpoints in {save_dir}/")
+
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name)
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    os.makedirs(save_dir, exist_ok=True)
+    progress = tqdm(total=1, dynamic_ncols=True)  # one display, reset at each stage
+    rows, wall = {}, {}
+    start = time.time()
+    if args.pretrain:
+        if offline is None:
+            offline = pretrain(args, data, env, writer, progress, os.path.join(save_dir, "cpq.pt"), device)
+            wall["offline"] = time.time() - start
+        if "eval" not in offline:  # a loaded checkpoint without a stored evaluation
+            actor = Actor(obs_dim, act_dim, args.hidden_sizes).to(device)
+            actor.load_state_dict(offline["actor"])
+            offline["eval"] = evaluate(actor, env, args.eval_episodes, args.cost_limit, device)
+        rows["offline"] = offline["eval"]
+        start = time.time()
+        if args.vpa:
+            offline = align(args, data, offline, env, writer, progress, os.path.join(save_dir, "vpa.pt"), device)
+            rows["after VPA"], wall["vpa"] = offline["eval"], time.time() - start
+    start = time.time()
+    online = finetune(args, offline, env, writer, progress, os.path.join(save_dir, "sac_lag.pt"), device)
+    rows["final"], wall["online"] = online["eval"], time.time() - start
+    progress.close()
+    writer.close()
+
+    summary = {"stages": stages, "eval": rows, "online_violations": online["online_violations"],
+               "cumulative_cost": online["cumulative_cost"], "online_episodes": online["episodes"],
+               "final_lambda": online["lambda"], "wall_seconds": wall, "device": str(device),
+               "interrupted": online["interrupted"], "args": asdict(args)}
+    with open(os.path.join(save_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"\n{'':12}{'return':>9}{'cost':>7}{'norm ret':>10}{'norm cost':>11}")
+    for name, r in rows.items():
+        print(f"{name:12}{r['return']:>9.1f}{r['cost']:>7.1f}{r['normalized_return']:>10.3f}"
+              f"{r['normalized_cost']:>11.3f}")
+    print(f"online: {online['episodes']} episodes, {online['online_violations']} over the limit, cumulative cost "
+          f"{online['cumulative_cost']:.0f}, final λ {online['lambda']:.4f}")
+    print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in wall.items()) + f"; outputs in {save_dir}/")
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except InputError as e:
+        sys.exit(f"marvel_full.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("marvel_full.py: interrupted; the checkpoints of the stages that finished are in the save dir")

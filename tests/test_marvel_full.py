@@ -1,0 +1,86 @@
+"""marvel_full.py: every flag documented, each pipeline variant runs end to end, bad input is one line."""
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ACT_DIM, ENV_ID, OBS_DIM, ROOT
+
+import marvel_full
+
+TINY = ["--no-cuda", "--hidden-sizes", "32", "32", "--vae-hidden", "32", "--eval-episodes", "1",
+        "--offline-steps", "4", "--offline-eval-every", "2", "--offline-batch-size", "32", "--vpa-steps", "3",
+        "--online-episodes", "2", "--episodes-per-iter", "2", "--updates-per-iter", "2", "--eval-every", "2"]
+
+
+def run(*flags, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "marvel_full.py"), *flags], capture_output=True,
+                          text=True, cwd=cwd, timeout=300, env={**os.environ, "COLUMNS": "200"})
+
+
+def test_help_lists_every_flag_with_its_docstring(tmp_path):
+    proc = run("--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.replace("│", " ").split())
+    for field in dataclasses.fields(marvel_full.Args):
+        assert "--" + field.name.replace("_", "-") in text, field.name
+    for doc in re.findall(r'"""(.*?)"""', open(os.path.join(ROOT, "marvel_full.py")).read().split("class Args")[1]
+                          .split("ENV_DEFAULTS")[0], re.S):
+        assert " ".join(doc.split())[:60] in text, doc
+
+
+@pytest.mark.parametrize("flags, stages, algo, kind", [
+    ([], ["cpq", "vpa", "online"], "cpq+vpa+sac_lag", "apid"),                     # Marvel
+    (["--no-vpa"], ["cpq", "online"], "cpq+sac_lag", "apid"),                       # Warm Start / aPID-only
+    (["--lagrangian", "dual"], ["cpq", "vpa", "online"], "cpq+vpa+sac_lag", "dual"),  # VPA-only
+    (["--lagrangian", "pid"], ["cpq", "vpa", "online"], "cpq+vpa+sac_lag", "pid"),    # VPA+PID
+    (["--no-pretrain"], ["online"], "sac_lag", "apid"),                               # From Scratch
+])
+def test_pipeline_variants(tmp_path, dataset_file, flags, stages, algo, kind):
+    save_dir = tmp_path / "out"
+    proc = run(*TINY, "--dataset-path", dataset_file, "--save-dir", str(save_dir), *flags, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.load(open(save_dir / "summary.json"))
+    assert summary["stages"] == stages and summary["online_episodes"] == 2
+    expected_rows = {"cpq": "offline", "vpa": "after VPA", "online": "final"}
+    assert list(summary["eval"]) == [expected_rows[s] for s in stages]
+    files = {"cpq": "cpq.pt", "vpa": "vpa.pt", "online": "sac_lag.pt"}
+    assert sorted(os.listdir(save_dir)) == sorted([files[s] for s in stages] + ["sac_lag_progress.csv",
+                                                                                "summary.json"])
+    final = torch.load(save_dir / "sac_lag.pt", weights_only=True)
+    assert final["algo"] == algo and final["lagrange"]["kind"] == kind and final["step"] == 400
+    if "vpa" in stages:  # VPA moved the critics and kept the actor
+        offline, aligned = (torch.load(save_dir / f, weights_only=True) for f in ("cpq.pt", "vpa.pt"))
+        assert all(torch.equal(offline["actor"][k], aligned["actor"][k]) for k in offline["actor"])
+        assert not torch.equal(offline["critic"]["weights.0"], aligned["critic"]["weights.0"])
+    for name in summary["eval"]:
+        assert name in proc.stdout  # the summary table
+
+
+def test_offline_checkpoint_is_reused_and_checked(tmp_path, dataset_file):
+    import cpq
+    torch.manual_seed(0)
+    agent = cpq.CPQ(OBS_DIM, ACT_DIM, cpq.Args(hidden_sizes=(32, 32), vae_hidden=32), q_thres=8.66)
+    cpq.save_checkpoint(str(tmp_path / "cpq.pt"), agent.checkpoint(agent.args, ENV_ID, OBS_DIM, ACT_DIM, 1))
+    proc = run(*TINY, "--dataset-path", dataset_file, "--save-dir", str(tmp_path / "out"),
+               "--offline-checkpoint", str(tmp_path / "cpq.pt"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    assert summary["stages"] == ["loaded", "vpa", "online"] and "offline" not in summary["wall_seconds"]
+    assert not os.path.exists(tmp_path / "out" / "cpq.pt")
+    for bad_flags, message in [
+        (["--offline-checkpoint", str(tmp_path / "cpq.pt"), "--hidden-sizes", "64", "64"], "checkpoint is for"),
+        (["--offline-checkpoint", str(tmp_path / "cpq.pt"), "--no-pretrain"], "contradict"),
+        (["--alpha-vpa", "0.01", "--alpha-c-vpa", "0.02"], "alpha-c-vpa"),
+        (["--offline-steps", "0"], ">= 1"),
+        (["--env-id", "OfflineNoSuchTask-v0"], "no online defaults"),
+        (["--dataset-path", str(tmp_path / "missing.hdf5")], "missing.hdf5"),
+    ]:
+        proc = run(*TINY, "--save-dir", str(tmp_path / "bad"), *bad_flags, cwd=tmp_path)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr and message in proc.stderr, bad_flags
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
