@@ -11,8 +11,9 @@ sac_lag_apid.py load strictly. Per gradient step on a batch (s, a, r, c, s', ter
      −α_c·mean Qc(s, a_ood) (`--ood-penalty linear`) diverges on CarRun: benchmark/results/cpq_divergence/.
   3. α_c by dual ascent so that mean Qc(s, a_ood) ≥ qc_thres.
   4. Reward critic: TD on r + γ(1−term)·1[Qc'(s', a') ≤ q_thres]·min Q'(s', a').
-  5. Actor: maximise 1[Qc(s, ã) ≤ q_thres]·min Q(s, ã); where that gate is closed, lower Qc(s, ã) instead
-     (`--actor-escape`, default on), so an actor whose actions all look unsafe still gets a gradient.
+  5. Actor: maximise 1[Qc(s, ã) ≤ q_thres]·min Q(s, ã). With `--actor-escape` (default on) a second actor step
+     on the same loss plus mean(1[Qc(s, ã) > q_thres]·Qc(s, ã)), so an actor whose actions all look unsafe still
+     gets a gradient (the paper's actor has none there).
   6. Polyak-average the target critics.
 """
 import math
@@ -98,7 +99,7 @@ class Args:
     """cost penalty on OOD actions: hinge α_c·relu(qc_thres − Qc) (bounded), or linear −α_c·Qc (the paper's;
     diverges on CarRun)"""
     actor_escape: bool = True
-    """where Qc(s, ã) > q_thres the actor minimises Qc(s, ã) instead of getting no gradient (off = the paper's)"""
+    """a second actor step per update that also lowers Qc(s, ã) where Qc(s, ã) > q_thres (off = the paper's)"""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -379,6 +380,19 @@ class CPQ(nn.Module):
             penalty = -alpha_c * qc_ood.mean()
         return td + penalty, td, qc_ood.mean().detach()
 
+    def actor_step(self, obs, escape: bool):
+        """L_π = −mean(1[Qc(s,ã) ≤ q_thres]·min Q(s,ã)) [+ mean(1[Qc(s,ã) > q_thres]·Qc(s,ã)) with escape]."""
+        act_pi, _ = self.actor(obs)
+        qc_pi = self.cost_critic(obs, act_pi)[0]
+        safe = (qc_pi <= self.q_thres).float().detach()
+        loss = -(safe * self.critic(obs, act_pi).min(0).values).mean()
+        if escape:
+            loss = loss + ((1 - safe) * qc_pi).mean()
+        self.actor_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.actor_opt.step()
+        return loss.detach(), safe
+
     def update(self, obs, act, reward, cost, next_obs, term) -> dict:
         args = self.args
         # 1. behaviour VAE
@@ -413,23 +427,19 @@ class CPQ(nn.Module):
         critic_loss.backward()
         self.critic_opt.step()
 
-        # 5. actor: maximise the reward value where the cost value is within budget; elsewhere (escape) lower it
-        act_pi, _ = self.actor(obs)
-        qc_pi = self.cost_critic(obs, act_pi)[0]
-        safe = (qc_pi <= self.q_thres).float().detach()
-        actor_loss = -(safe * self.critic(obs, act_pi).min(0).values).mean()
+        # 5. actor: maximise the reward value where the cost value is within budget
+        actor_loss, safe = self.actor_step(obs, escape=False)
+        # 5b. escape (--actor-escape): a second actor step that also lowers Qc(s, ã) where the gate is closed;
+        #     without it an actor whose actions all look unsafe gets no gradient at all
         if args.actor_escape:
-            actor_loss = actor_loss + ((1 - safe) * qc_pi).mean()
-        self.actor_opt.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self.actor_opt.step()
+            self.actor_step(obs, escape=True)
 
         # 6. targets
         soft_update(self.critic_target, self.critic, args.tau)
         soft_update(self.cost_critic_target, self.cost_critic, args.tau)
         return {"losses/vae": vae_loss.detach(), "losses/cost_critic_td": cost_td.detach(),
                 "losses/qc_ood": qc_ood, "losses/alpha_c": self.log_alpha_c.detach().exp(),
-                "losses/critic": critic_loss.detach(), "losses/actor": actor_loss.detach(),
+                "losses/critic": critic_loss.detach(), "losses/actor": actor_loss,
                 "losses/safe_fraction": safe.mean()}
 
     def checkpoint(self, args: Args, env_id: str, obs_dim: int, act_dim: int, step: int) -> dict:

@@ -456,6 +456,19 @@ class CPQ(nn.Module):
             penalty = -alpha_c * qc_ood.mean()
         return td + penalty, td, qc_ood.mean().detach()
 
+    def actor_step(self, obs, escape: bool):
+        """L_π = −mean(1[Qc(s,ã) ≤ q_thres]·min Q(s,ã)) [+ mean(1[Qc(s,ã) > q_thres]·Qc(s,ã)) with escape]."""
+        act_pi, _ = self.actor(obs)
+        qc_pi = self.cost_critic(obs, act_pi)[0]
+        safe = (qc_pi <= self.q_thres).float().detach()
+        loss = -(safe * self.critic(obs, act_pi).min(0).values).mean()
+        if escape:
+            loss = loss + ((1 - safe) * qc_pi).mean()
+        self.actor_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.actor_opt.step()
+        return loss.detach(), safe
+
     def update(self, obs, act, reward, cost, next_obs, term) -> dict:
         args = self.args
         # 1. behaviour VAE
@@ -490,23 +503,19 @@ class CPQ(nn.Module):
         critic_loss.backward()
         self.critic_opt.step()
 
-        # 5. actor: maximise the reward value where the cost value is within budget; elsewhere (escape) lower it
-        act_pi, _ = self.actor(obs)
-        qc_pi = self.cost_critic(obs, act_pi)[0]
-        safe = (qc_pi <= self.q_thres).float().detach()
-        actor_loss = -(safe * self.critic(obs, act_pi).min(0).values).mean()
+        # 5. actor: maximise the reward value where the cost value is within budget
+        actor_loss, safe = self.actor_step(obs, escape=False)
+        # 5b. escape (--actor-escape): a second actor step that also lowers Qc(s, ã) where the gate is closed;
+        #     without it an actor whose actions all look unsafe gets no gradient at all
         if args.actor_escape:
-            actor_loss = actor_loss + ((1 - safe) * qc_pi).mean()
-        self.actor_opt.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        self.actor_opt.step()
+            self.actor_step(obs, escape=True)
 
         # 6. targets
         soft_update(self.critic_target, self.critic, args.tau)
         soft_update(self.cost_critic_target, self.cost_critic, args.tau)
         return {"losses/vae": vae_loss.detach(), "losses/cost_critic_td": cost_td.detach(),
                 "losses/qc_ood": qc_ood, "losses/alpha_c": self.log_alpha_c.detach().exp(),
-                "losses/critic": critic_loss.detach(), "losses/actor": actor_loss.detach(),
+                "losses/critic": critic_loss.detach(), "losses/actor": actor_loss,
                 "losses/safe_fraction": safe.mean()}
 
     def checkpoint(self, args: Args, env_id: str, obs_dim: int, act_dim: int, step: int) -> dict:
@@ -914,8 +923,10 @@ def finetune(args: Args, init: Optional[dict], env: gym.Env, writer: SummaryWrit
             violations += int((costs > args.cost_limit).sum())
             cumulative_cost += float(costs.sum())
             lam = lagrangian.update(float(costs.mean()))  # one controller update per iteration
+            # λ as a 0-dim tensor: under --compile a Python float is baked into the graph (a recompile per value)
+            lam_tensor = torch.tensor(lam, device=device)
             for _ in range(args.updates_per_iter):
-                info = update(*replay.sample(args.batch_size, generator), lam=lam)
+                info = update(*replay.sample(args.batch_size, generator), lam=lam_tensor)
             log_scalars(writer, "", info, env_steps)  # one sync per iteration
             gains = [getattr(lagrangian, k, float("nan")) for k in ("kp", "ki", "kd")]
             scalars = {"charts/episodic_return": returns.mean(), "charts/episodic_cost": costs.mean(),
