@@ -460,14 +460,18 @@ def spearman_table(agent: VPA, pairs: dict, device: torch.device) -> dict:
     return table
 
 
-def report_spearman(before: dict, after: dict, csv_path: str) -> None:
-    """Print the before/after table and write it as CSV (critic, pairs, before, after)."""
-    print(f"\nSpearman ρ(critic value, discounted MC return of μ){'before':>12}{'after':>10}")
-    lines = ["critic,pairs,before,after"]
+def report_spearman(before: dict, after: dict, pairs: dict, csv_path: str) -> None:
+    """Print the before/after table and write it as CSV (critic, pairs, before, after, nonzero_mc). `nonzero_mc`
+    counts the pairs whose MC target is not 0: a near-safe μ gives most pairs zero MC cost, and ρ then rests on
+    the few that are not (ties share one rank)."""
+    print(f"\nSpearman ρ(critic value, discounted MC return of μ){'before':>12}{'after':>10}{'MC ≠ 0':>10}")
+    lines = ["critic,pairs,before,after,nonzero_mc"]
     for key in before:
         critic, kind = key.split("/")
-        print(f"  {critic:3}{kind + ' pairs':47}{before[key]:>12.4f}{after[key]:>10.4f}")
-        lines.append(f"{critic},{kind},{before[key]:.6f},{after[key]:.6f}")
+        mc = pairs["ret" if critic == "Q" else "cost"][PAIR_KINDS.index(kind)]
+        nonzero = f"{int(np.count_nonzero(mc))}/{len(mc)}"
+        print(f"  {critic:3}{kind + ' pairs':47}{before[key]:>12.4f}{after[key]:>10.4f}{nonzero:>10}")
+        lines.append(f"{critic},{kind},{before[key]:.6f},{after[key]:.6f},{nonzero}")
     with open(csv_path, "w") as f:  # beside the checkpoint, whose folder exists by now
         f.write("\n".join(lines) + "\n")
 
@@ -564,7 +568,7 @@ def main(args: Args) -> dict:
                 "eval": {**result, "step": args.total_steps}, "spearman": summary})
     save_checkpoint(save_path, out)
     if pairs is not None:
-        report_spearman(before, after, save_path.removesuffix(".pt") + "_spearman.csv")
+        report_spearman(before, after, pairs, save_path.removesuffix(".pt") + "_spearman.csv")
     print(f"\nμ ({ckpt['algo']}, unchanged): return {result['return']:.1f}, cost {result['cost']:.1f}, normalised "
           f"{result['normalized_return']:.3f} / {result['normalized_cost']:.3f}")
     print(f"VPA: {args.total_steps} steps at {sps:.0f} steps/s; checkpoint: {save_path}")

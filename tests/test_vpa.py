@@ -170,5 +170,6 @@ def test_cli_smoke(dataset_file, tmp_path):
     assert "vae" in after and after["init"]["algo"] == "cpq" and after["eval"]["normalized_cost"] >= 0
     assert (after["args"]["alpha_vpa"], after["args"]["alpha_c_vpa"]) == (0.01, 0.005)  # CarRun: 2×5e-3, half that
     lines = (tmp_path / "out" / "vpa_spearman.csv").read_text().splitlines()
-    assert lines[0] == "critic,pairs,before,after" and len(lines) == 5
+    assert lines[0] == "critic,pairs,before,after,nonzero_mc" and len(lines) == 5
+    assert all(line.split(",")[-1].endswith("/4") for line in lines[1:])  # counts over the 4 diagnostic pairs
     assert not os.path.exists(str(save) + ".tmp") and (tmp_path / "runs").is_dir()
