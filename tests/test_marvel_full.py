@@ -84,3 +84,34 @@ def test_offline_checkpoint_is_reused_and_checked(tmp_path, dataset_file):
         proc = run(*TINY, "--save-dir", str(tmp_path / "bad"), *bad_flags, cwd=tmp_path)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr and message in proc.stderr, bad_flags
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.parametrize("start", ["scratch", "checkpoint"])
+def test_online_stage_reproduces_sac_lag_apid(tmp_path, start):
+    """marvel_full.py's online stage is sac_lag_apid.py: same seed and start ⇒ the same episodes and weights."""
+    flags = ["--no-cuda", "--hidden-sizes", "32", "32", "--eval-episodes", "1", "--online-episodes", "4",
+             "--episodes-per-iter", "2", "--updates-per-iter", "3", "--eval-every", "2", "--seed", "3"]
+    if start == "scratch":
+        marvel_flags, standalone_flags = ["--no-pretrain"], ["--init", "scratch"]
+    else:
+        import cpq
+        torch.manual_seed(0)
+        agent = cpq.CPQ(OBS_DIM, ACT_DIM, cpq.Args(hidden_sizes=(32, 32), vae_hidden=32), q_thres=8.66)
+        init = str(tmp_path / "cpq.pt")
+        # with its evaluation stored, as cpq.py writes it (else marvel_full.py evaluates it first, which moves
+        # Bullet's reset noise, np.random, and the episodes that follow differ)
+        stored_eval = {"return": 0.0, "cost": 0.0, "normalized_return": 0.0, "normalized_cost": 0.0, "step": 1}
+        cpq.save_checkpoint(init, {**agent.checkpoint(agent.args, ENV_ID, OBS_DIM, ACT_DIM, 1), "eval": stored_eval})
+        marvel_flags, standalone_flags = ["--offline-checkpoint", init, "--no-vpa"], ["--init", init]
+    proc = run(*flags, *marvel_flags, "--save-dir", str(tmp_path / "m"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "sac_lag_apid.py"), *flags, *standalone_flags,
+                           "--save-path", str(tmp_path / "s" / "sac_lag.pt")], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (open(tmp_path / "m" / "sac_lag_progress.csv").read()
+            == open(tmp_path / "s" / "sac_lag_progress.csv").read())
+    a, b = (torch.load(tmp_path / d / "sac_lag.pt", weights_only=True) for d in ("m", "s"))
+    assert a["algo"] == b["algo"] and a["lagrange"] == b["lagrange"]
+    for net in ("actor", "critic", "cost_critic"):
+        assert all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
