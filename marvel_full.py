@@ -88,6 +88,9 @@ class Args:
     # --- stage 1: CPQ (cpq.py's defaults)
     offline_steps: int = 100_000
     """CPQ gradient steps"""
+    offline_cost_limit: Optional[float] = None
+    """the cost limit CPQ trains for (its q_thres) and selects its checkpoint by (default: --cost-limit; the official
+    Marvel pipeline pretrained at 40 and finetuned at 20)"""
     offline_batch_size: int = 512
     """CPQ minibatch size"""
     offline_eval_every: int = 5_000
@@ -819,10 +822,11 @@ def pretrain(args: Args, data: dict, env: gym.Env, writer: SummaryWriter, progre
              device: torch.device) -> dict:
     """Stage 1, CPQ (cpq.py). Returns the best evaluated checkpoint, also saved to `save_path`."""
     obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
-    # CPQ reads its learning rates under the names its own Args uses
+    # CPQ reads its learning rates and cost limit under the names its own Args uses
+    cost_limit = args.offline_cost_limit if args.offline_cost_limit is not None else args.cost_limit
     cpq_args = replace(args, actor_lr=args.offline_actor_lr, critic_lr=args.offline_critic_lr,
-                       alpha_lr=args.alpha_c_lr)
-    agent = CPQ(obs_dim, act_dim, cpq_args, episode_q_threshold(args.cost_limit, args.gamma,
+                       alpha_lr=args.alpha_c_lr, cost_limit=cost_limit)
+    agent = CPQ(obs_dim, act_dim, cpq_args, episode_q_threshold(cost_limit, args.gamma,
                                                                 env.spec.max_episode_steps)).to(device)
     update = torch.compile(agent.update) if args.compile else agent.update
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -836,7 +840,7 @@ def pretrain(args: Args, data: dict, env: gym.Env, writer: SummaryWriter, progre
         if step % 100 == 0:  # one host sync per 100 steps
             log_scalars(writer, "offline/", info, step)
         if step % args.offline_eval_every == 0 or step == args.offline_steps:
-            result = evaluate(agent.actor, env, args.eval_episodes, args.cost_limit, device)
+            result = evaluate(agent.actor, env, args.eval_episodes, cost_limit, device)
             for k, v in result.items():
                 writer.add_scalar(f"offline/eval/{k}", v, step)
             progress.set_postfix(ret=f"{result['return']:.1f}", cost=f"{result['cost']:.1f}")
@@ -968,6 +972,8 @@ def resolve_defaults(args: Args) -> Args:
                args.eval_every, args.eval_episodes, args.online_episodes]
     if min(budgets) < 1 or args.alpha <= 0:
         raise InputError("budgets, sizes and intervals must be >= 1 and --alpha > 0")
+    if min(args.cost_limit, args.cost_limit if args.offline_cost_limit is None else args.offline_cost_limit) < 0:
+        raise InputError("--cost-limit and --offline-cost-limit must be >= 0")
     if not 0 <= args.alpha_c_vpa < args.alpha_vpa:
         raise InputError(f"need 0 <= --alpha-c-vpa < --alpha-vpa (the paper's condition), got "
                          f"{args.alpha_c_vpa} and {args.alpha_vpa}")

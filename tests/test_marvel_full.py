@@ -40,6 +40,7 @@ def test_help_lists_every_flag_with_its_docstring(tmp_path):
     (["--lagrangian", "dual"], ["cpq", "vpa", "online"], "cpq+vpa+sac_lag", "dual"),  # VPA-only
     (["--lagrangian", "pid"], ["cpq", "vpa", "online"], "cpq+vpa+sac_lag", "pid"),    # VPA+PID
     (["--no-pretrain"], ["online"], "sac_lag", "apid"),                               # From Scratch
+    (["--offline-cost-limit", "40"], ["cpq", "vpa", "online"], "cpq+vpa+sac_lag", "apid"),  # official: 40 → 20
 ])
 def test_pipeline_variants(tmp_path, dataset_file, flags, stages, algo, kind):
     save_dir = tmp_path / "out"
@@ -60,6 +61,10 @@ def test_pipeline_variants(tmp_path, dataset_file, flags, stages, algo, kind):
         assert not torch.equal(offline["critic"]["weights.0"], aligned["critic"]["weights.0"])
     for name in summary["eval"]:
         assert name in proc.stdout  # the summary table
+    if "cpq" in stages:  # CPQ trains for the offline limit, the online stage for --cost-limit
+        offline_limit = 40.0 if "--offline-cost-limit" in flags else 20.0
+        assert torch.load(save_dir / "cpq.pt", weights_only=True)["cost_limit"] == offline_limit
+        assert final["cost_limit"] == 20.0
 
 
 def test_offline_checkpoint_is_reused_and_checked(tmp_path, dataset_file):
@@ -78,6 +83,7 @@ def test_offline_checkpoint_is_reused_and_checked(tmp_path, dataset_file):
         (["--offline-checkpoint", str(tmp_path / "cpq.pt"), "--no-pretrain"], "contradict"),
         (["--alpha-vpa", "0.01", "--alpha-c-vpa", "0.02"], "alpha-c-vpa"),
         (["--offline-steps", "0"], ">= 1"),
+        (["--offline-cost-limit", "-1"], "must be >= 0"),
         (["--env-id", "OfflineNoSuchTask-v0"], "no online defaults"),
         (["--dataset-path", str(tmp_path / "missing.hdf5")], "missing.hdf5"),
     ]:
