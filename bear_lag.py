@@ -280,11 +280,24 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: a dict of tensors and plain values, loadable with torch.load(path, weights_only=True).
 CHECKPOINT_FORMAT = "o2o-safe-rl/1"
+CHECKPOINT_KEYS = ("algo", "reward_scale", "cost_limit", "step", "actor", "critic", "critic_target", "cost_critic",
+                   "cost_critic_target")
+
+
+def to_cpu(value):
+    """Tensors (also inside dicts and lists) moved to the CPU, so a checkpoint written on a GPU opens anywhere."""
+    if torch.is_tensor(value):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(v) for v in value)
+    return value
 
 
 def save_checkpoint(path: str, checkpoint: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, path + ".tmp")
+    torch.save({"format": CHECKPOINT_FORMAT, **to_cpu(checkpoint)}, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
 
 
@@ -300,6 +313,9 @@ def load_checkpoint(path: str, env_id: str, obs_dim: int, act_dim: int, hidden_s
     if found != (env_id, obs_dim, act_dim, tuple(hidden_sizes)):
         raise InputError(f"{path}: checkpoint is for (env, obs_dim, act_dim, hidden_sizes)={found}, "
                          f"this run needs {(env_id, obs_dim, act_dim, tuple(hidden_sizes))}")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise InputError(f"{path}: checkpoint lacks {missing}")
     return ckpt
 
 

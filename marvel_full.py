@@ -65,7 +65,7 @@ class Args:
     save_dir: Optional[str] = None
     """directory for the per-stage checkpoints, the online progress CSV and summary.json (default runs/<run-name>)"""
     cost_limit: float = 20.0
-    """episode cost limit d, offline and online"""
+    """episode cost limit d of the online stage (and of CPQ unless --offline-cost-limit is given)"""
     eval_episodes: int = 10
     """deterministic evaluation episodes, in a separate env"""
     gamma: float = 0.99
@@ -117,7 +117,8 @@ class Args:
     """CPQ's OOD cost penalty: hinge α_c·relu(qc_thres − Qc) (bounded) or linear −α_c·Qc (the paper's; diverges on
     CarRun, see benchmark/results/cpq_divergence)"""
     actor_escape: bool = True
-    """where Qc(s, ã) > q_thres the CPQ actor minimises Qc(s, ã) instead of getting no gradient"""
+    """a second CPQ actor step per update on the paper's loss plus mean(1[Qc(s, ã) > q_thres]·Qc(s, ã)), so a fully
+    gated actor still gets a gradient (with --no-actor-escape the actor also takes one step per update, not two)"""
 
     # --- stage 2: VPA (vpa.py's defaults)
     vpa_steps: int = 20_000
@@ -143,7 +144,7 @@ class Args:
     lagrangian: Literal["apid", "pid", "dual", "fixed"] = "apid"
     """λ rule: adaptive PID (Marvel), PID with fixed gains, dual ascent, or a constant"""
     lagrangian_init: float = 0.0
-    """initial λ (the value used throughout with `fixed`)"""
+    """initial λ of `dual`, the constant λ of `fixed` (apid and pid start at 0)"""
     kp: float = 0.05
     """K_p⁰, proportional gain"""
     ki: float = 0.01
@@ -347,11 +348,24 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: a dict of tensors and plain values, loadable with torch.load(path, weights_only=True).
 CHECKPOINT_FORMAT = "o2o-safe-rl/1"
+CHECKPOINT_KEYS = ("algo", "reward_scale", "cost_limit", "step", "actor", "critic", "critic_target", "cost_critic",
+                   "cost_critic_target")
+
+
+def to_cpu(value):
+    """Tensors (also inside dicts and lists) moved to the CPU, so a checkpoint written on a GPU opens anywhere."""
+    if torch.is_tensor(value):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(v) for v in value)
+    return value
 
 
 def save_checkpoint(path: str, checkpoint: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, path + ".tmp")
+    torch.save({"format": CHECKPOINT_FORMAT, **to_cpu(checkpoint)}, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
 
 
@@ -367,6 +381,9 @@ def load_checkpoint(path: str, env_id: str, obs_dim: int, act_dim: int, hidden_s
     if found != (env_id, obs_dim, act_dim, tuple(hidden_sizes)):
         raise InputError(f"{path}: checkpoint is for (env, obs_dim, act_dim, hidden_sizes)={found}, "
                          f"this run needs {(env_id, obs_dim, act_dim, tuple(hidden_sizes))}")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise InputError(f"{path}: checkpoint lacks {missing}")
     return ckpt
 
 
@@ -461,6 +478,8 @@ class CPQ(nn.Module):
 
     def actor_step(self, obs, escape: bool):
         """L_π = −mean(1[Qc(s,ã) ≤ q_thres]·min Q(s,ã)) [+ mean(1[Qc(s,ã) > q_thres]·Qc(s,ã)) with escape]."""
+        self.critic.requires_grad_(False)  # gradients w.r.t. actions only: the critics' weights stay out of it
+        self.cost_critic.requires_grad_(False)
         act_pi, _ = self.actor(obs)
         qc_pi = self.cost_critic(obs, act_pi)[0]
         safe = (qc_pi <= self.q_thres).float().detach()
@@ -470,6 +489,8 @@ class CPQ(nn.Module):
         self.actor_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.actor_opt.step()
+        self.critic.requires_grad_(True)
+        self.cost_critic.requires_grad_(True)
         return loss.detach(), safe
 
     def update(self, obs, act, reward, cost, next_obs, term) -> dict:
@@ -875,7 +896,9 @@ def align(args: Args, data: dict, offline: dict, env: gym.Env, writer: SummaryWr
     for k, v in result.items():
         writer.add_scalar(f"vpa/eval/{k}", v, args.vpa_steps)
     aligned = {k: v for k, v in offline.items() if k not in ("format", "optimizers")}
-    aligned.update({"algo": f"{offline['algo']}+vpa", "step": args.vpa_steps, "critic": agent.critic.state_dict(),
+    aligned.update({"algo": f"{offline['algo']}+vpa", "cost_limit": args.cost_limit, "step": args.vpa_steps,
+                    "init": {"algo": offline["algo"], "step": offline["step"], "eval": offline.get("eval")},
+                    "critic": agent.critic.state_dict(),
                     "critic_target": agent.critic_target.state_dict(),
                     "cost_critic": agent.cost_critic.state_dict(),
                     "cost_critic_target": agent.cost_critic_target.state_dict(), "lagrange": None,
@@ -884,11 +907,17 @@ def align(args: Args, data: dict, offline: dict, env: gym.Env, writer: SummaryWr
     return aligned
 
 
-def finetune(args: Args, init: Optional[dict], env: gym.Env, writer: SummaryWriter, progress: tqdm,
-             save_path: str, device: torch.device) -> dict:
+def finetune(args: Args, init: Optional[dict], writer: SummaryWriter, progress: tqdm, save_path: str,
+             device: torch.device) -> dict:
     """Stage 3, SAC-Lag with the λ controller (sac_lag_apid.py), from `init` (None: from scratch)."""
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    # reseed and make the envs afresh, in sac_lag_apid.py's order: the online episodes (Bullet's reset noise is
+    # np.random) then do not depend on which stages ran before, so methods that share a checkpoint and a seed see
+    # the same noise, and the stage reproduces sac_lag_apid.py exactly
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
     envs = [make_env(args.env_id, args.seed + i) for i in range(args.episodes_per_iter)]
+    env = make_env(args.env_id, args.seed + 10_000)  # evaluation
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     agent = SACLag(obs_dim, act_dim, args, (args.actor_lr, args.critic_lr, args.cost_critic_lr), args.alpha).to(device)
     algo = "sac_lag"
     if init is not None:
@@ -904,6 +933,8 @@ def finetune(args: Args, init: Optional[dict], env: gym.Env, writer: SummaryWrit
               "eval_return,eval_cost,eval_normalized_return,eval_normalized_cost\n")
 
     def log_eval(episodes_done: int, env_steps: int) -> dict:
+        nonlocal evaluated_at
+        evaluated_at = episodes_done
         result = evaluate(agent.actor, env, args.eval_episodes, args.cost_limit, device)
         for k, v in result.items():
             writer.add_scalar(f"eval/{k}", v, env_steps)
@@ -911,7 +942,7 @@ def finetune(args: Args, init: Optional[dict], env: gym.Env, writer: SummaryWrit
             "return", "cost", "normalized_return", "normalized_cost")) + "\n")
         return result
 
-    env_steps = episodes_done = violations = 0
+    env_steps = episodes_done = violations = evaluated_at = 0
     cumulative_cost, interrupted, start = 0.0, False, time.time()
     last_eval = log_eval(0, 0)
     lam = lagrangian.lam
@@ -947,7 +978,7 @@ def finetune(args: Args, init: Optional[dict], env: gym.Env, writer: SummaryWrit
             progress.set_postfix(ret=f"{returns.mean():.0f}", cost=f"{costs.mean():.1f}", lam=f"{lam:.3f}")
     except KeyboardInterrupt:  # keep the work done so far
         save_path, interrupted = save_path.removesuffix(".pt") + "_interrupted.pt", True
-    if episodes_done % args.eval_every != 0:
+    if evaluated_at != episodes_done:  # the final evaluation is of the final actor, also after an interrupt
         last_eval = log_eval(episodes_done, env_steps)
     csv.close()
     ckpt = agent.checkpoint(args, args.env_id, obs_dim, act_dim, env_steps, algo, lagrangian)
@@ -962,8 +993,9 @@ def resolve_defaults(args: Args) -> Args:
         raise InputError(f"--env-id {args.env_id}: no online defaults; choose one of {sorted(ENV_DEFAULTS)}")
     actor_lr, critic_lr, cost_critic_lr, alpha, episodes = ENV_DEFAULTS[args.env_id]
     alpha_vpa = args.alpha_vpa if args.alpha_vpa is not None else 2 * alpha
-    args = replace(args, actor_lr=args.actor_lr or actor_lr, critic_lr=args.critic_lr or critic_lr,
-                   cost_critic_lr=args.cost_critic_lr or cost_critic_lr,
+    args = replace(args, actor_lr=actor_lr if args.actor_lr is None else args.actor_lr,
+                   critic_lr=critic_lr if args.critic_lr is None else args.critic_lr,
+                   cost_critic_lr=cost_critic_lr if args.cost_critic_lr is None else args.cost_critic_lr,
                    alpha=args.alpha if args.alpha is not None else alpha, alpha_vpa=alpha_vpa,
                    alpha_c_vpa=args.alpha_c_vpa if args.alpha_c_vpa is not None else alpha_vpa / 2,
                    online_episodes=args.online_episodes if args.online_episodes is not None else episodes)
@@ -974,6 +1006,10 @@ def resolve_defaults(args: Args) -> Args:
         raise InputError("budgets, sizes and intervals must be >= 1 and --alpha > 0")
     if min(args.cost_limit, args.cost_limit if args.offline_cost_limit is None else args.offline_cost_limit) < 0:
         raise InputError("--cost-limit and --offline-cost-limit must be >= 0")
+    if not (0 <= args.ood_quantile < 1 and args.num_ood_samples >= 1 and args.hidden_sizes and args.pid_delay >= 1
+            and 0 <= args.pid_ema < 1 and 0 < args.tau <= 1 and 0 < args.gamma < 1):
+        raise InputError("need 0 <= --ood-quantile < 1, --num-ood-samples >= 1, --hidden-sizes non-empty, "
+                         "--pid-delay >= 1, 0 <= --pid-ema < 1, 0 < --tau <= 1 and 0 < --gamma < 1")
     if not 0 <= args.alpha_c_vpa < args.alpha_vpa:
         raise InputError(f"need 0 <= --alpha-c-vpa < --alpha-vpa (the paper's condition), got "
                          f"{args.alpha_c_vpa} and {args.alpha_vpa}")
@@ -1025,13 +1061,16 @@ def main(args: Args) -> dict:
             actor = Actor(obs_dim, act_dim, args.hidden_sizes).to(device)
             actor.load_state_dict(offline["actor"])
             offline["eval"] = evaluate(actor, env, args.eval_episodes, args.cost_limit, device)
-        rows["offline"] = offline["eval"]
+        # normalised at the online limit like the other rows (CPQ may have trained and selected at another one)
+        env.unwrapped.set_target_cost(args.cost_limit)
+        norm_ret, norm_cost = env.unwrapped.get_normalized_score(offline["eval"]["return"], offline["eval"]["cost"])
+        rows["offline"] = {**offline["eval"], "normalized_return": float(norm_ret), "normalized_cost": float(norm_cost)}
         start = time.time()
         if args.vpa:
             offline = align(args, data, offline, env, writer, progress, os.path.join(save_dir, "vpa.pt"), device)
             rows["after VPA"], wall["vpa"] = offline["eval"], time.time() - start
     start = time.time()
-    online = finetune(args, offline, env, writer, progress, os.path.join(save_dir, "sac_lag.pt"), device)
+    online = finetune(args, offline, writer, progress, os.path.join(save_dir, "sac_lag.pt"), device)
     rows["final"], wall["online"] = online["eval"], time.time() - start
     progress.close()
     writer.close()
@@ -1039,7 +1078,7 @@ def main(args: Args) -> dict:
     summary = {"stages": stages, "eval": rows, "online_violations": online["online_violations"],
                "cumulative_cost": online["cumulative_cost"], "online_episodes": online["episodes"],
                "final_lambda": online["lambda"], "wall_seconds": wall, "device": str(device),
-               "interrupted": online["interrupted"], "args": asdict(args)}
+               "interrupted": online["interrupted"], "checkpoint": online["checkpoint"], "args": asdict(args)}
     with open(os.path.join(save_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"\n{'':12}{'return':>9}{'cost':>7}{'norm ret':>10}{'norm cost':>11}")
@@ -1049,12 +1088,16 @@ def main(args: Args) -> dict:
     print(f"online: {online['episodes']} episodes, {online['online_violations']} over the limit, cumulative cost "
           f"{online['cumulative_cost']:.0f}, final λ {online['lambda']:.4f}")
     print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in wall.items()) + f"; outputs in {save_dir}/")
+    if online["interrupted"]:
+        print(f"INTERRUPTED after {online['episodes']} online episodes: the 'final' row is that partial run's "
+              f"({online['checkpoint']})")
     return summary
 
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        if main(tyro.cli(Args))["interrupted"]:
+            sys.exit(130)  # partial results are saved, but the run did not finish
     except InputError as e:
         sys.exit(f"marvel_full.py: error: {e}")
     except KeyboardInterrupt:

@@ -288,11 +288,24 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: a dict of tensors and plain values, loadable with torch.load(path, weights_only=True).
 CHECKPOINT_FORMAT = "o2o-safe-rl/1"
+CHECKPOINT_KEYS = ("algo", "reward_scale", "cost_limit", "step", "actor", "critic", "critic_target", "cost_critic",
+                   "cost_critic_target")
+
+
+def to_cpu(value):
+    """Tensors (also inside dicts and lists) moved to the CPU, so a checkpoint written on a GPU opens anywhere."""
+    if torch.is_tensor(value):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(v) for v in value)
+    return value
 
 
 def save_checkpoint(path: str, checkpoint: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"format": CHECKPOINT_FORMAT, **checkpoint}, path + ".tmp")
+    torch.save({"format": CHECKPOINT_FORMAT, **to_cpu(checkpoint)}, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
 
 
@@ -308,6 +321,9 @@ def load_checkpoint(path: str, env_id: str, obs_dim: int, act_dim: int, hidden_s
     if found != (env_id, obs_dim, act_dim, tuple(hidden_sizes)):
         raise InputError(f"{path}: checkpoint is for (env, obs_dim, act_dim, hidden_sizes)={found}, "
                          f"this run needs {(env_id, obs_dim, act_dim, tuple(hidden_sizes))}")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise InputError(f"{path}: checkpoint lacks {missing}")
     return ckpt
 
 
@@ -523,7 +539,8 @@ def main(args: Args) -> dict:
     if args.env_id not in ENV_DEFAULTS:
         raise InputError(f"--env-id {args.env_id}: no online defaults; choose one of {sorted(ENV_DEFAULTS)}")
     actor_lr, critic_lr, cost_critic_lr, alpha, episodes = ENV_DEFAULTS[args.env_id]
-    lrs = (args.actor_lr or actor_lr, args.critic_lr or critic_lr, args.cost_critic_lr or cost_critic_lr)
+    lrs = tuple(default if given is None else given for given, default in
+                zip((args.actor_lr, args.critic_lr, args.cost_critic_lr), (actor_lr, critic_lr, cost_critic_lr)))
     alpha = args.alpha if args.alpha is not None else alpha
     online_episodes = args.online_episodes if args.online_episodes is not None else episodes
     if min(online_episodes, args.episodes_per_iter, args.updates_per_iter, args.batch_size, args.eval_every,
@@ -570,6 +587,8 @@ def main(args: Args) -> dict:
               "eval_return,eval_cost,eval_normalized_return,eval_normalized_cost\n")
 
     def log_eval(episodes_done: int, env_steps: int) -> dict:
+        nonlocal evaluated_at
+        evaluated_at = episodes_done
         result = evaluate(agent.actor, eval_env, args.eval_episodes, args.cost_limit, device)
         for k, v in result.items():
             writer.add_scalar(f"eval/{k}", v, env_steps)
@@ -577,7 +596,7 @@ def main(args: Args) -> dict:
             "return", "cost", "normalized_return", "normalized_cost")) + "\n")
         return result
 
-    env_steps = episodes_done = violations = 0
+    env_steps = episodes_done = violations = evaluated_at = 0
     cumulative_cost, start = 0.0, time.time()
     first_eval = last_eval = log_eval(0, 0)
     lam = lagrangian.lam  # aPID/PID start at 0 (the offline λ is on another scale); dual/fixed at --lagrangian-init
@@ -617,7 +636,7 @@ def main(args: Args) -> dict:
     except KeyboardInterrupt:  # keep the work done so far
         save_path = save_path.removesuffix(".pt") + "_interrupted.pt"
         print(f"\ninterrupted after {episodes_done} episodes")
-    if episodes_done % args.eval_every != 0:
+    if evaluated_at != episodes_done:  # the final evaluation is of the final actor, also after an interrupt
         last_eval = log_eval(episodes_done, env_steps)
     csv.close()
     writer.close()

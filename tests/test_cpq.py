@@ -184,6 +184,11 @@ def test_checkpoint_round_trip_and_strict_refusal(tmp_path):
     torch.save({"format": "o2o-safe-rl/1", "actor": {}}, tmp_path / "partial.pt")  # right format, keys missing
     with pytest.raises(cpq.InputError, match="checkpoint is for"):
         cpq.load_checkpoint(str(tmp_path / "partial.pt"), ENV_ID, OBS_DIM, ACT_DIM, (32, 32))
+    lacking = torch.load(path, weights_only=True)
+    del lacking["cost_critic"]
+    torch.save(lacking, tmp_path / "lacking.pt")  # right env and sizes, a network missing
+    with pytest.raises(cpq.InputError, match=r"lacks \['cost_critic'\]"):
+        cpq.load_checkpoint(str(tmp_path / "lacking.pt"), ENV_ID, OBS_DIM, ACT_DIM, (32, 32))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(cpq.InputError, match="cannot read checkpoint"):
