@@ -428,6 +428,17 @@ class VAE(nn.Module):
         return F.mse_loss(recon, act), self._kl(mean, log_std).mean()
 
 
+def sample_pretanh(actor: Actor, obs: torch.Tensor, num: int):
+    """`num` reparameterised samples per state from the shared Actor's Gaussian, after and before the tanh:
+    returns (tanh(u), u), each (B, num, A), with u_n = μ(s) + σ(s)·ε_n — the same distribution as Actor.forward
+    (same heads, same log σ clamp), with one trunk pass per state instead of one per sample."""
+    h = actor.trunk(obs)
+    mu, log_std = actor.mu(h), actor.log_std(h).clamp(-20.0, 2.0)
+    noise = torch.randn(len(obs), num, mu.shape[-1], device=obs.device)
+    u = mu.unsqueeze(1) + log_std.exp().unsqueeze(1) * noise
+    return torch.tanh(u), u
+
+
 class CPQ(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, args: Args, q_thres: float):
         super().__init__()
@@ -452,8 +463,8 @@ class CPQ(nn.Module):
         Returns (states, actions) of the OOD pairs. top-k equals `kl >= quantile(kl, q)` (barring ties) without
         the host sync a boolean mask would need."""
         args = self.args
-        obs_rep = obs.repeat_interleave(args.num_ood_samples, 0)
-        act_pi, _ = self.actor(obs_rep)
+        obs_rep = obs.repeat_interleave(args.num_ood_samples, 0)  # state-major, like the samples below
+        act_pi = sample_pretanh(self.actor, obs, args.num_ood_samples)[0].flatten(0, 1)
         kl = self.vae.kl(obs_rep, act_pi)
         num_ood = len(kl) - math.ceil(args.ood_quantile * (len(kl) - 1))
         ood = kl.topk(num_ood).indices
