@@ -1,0 +1,129 @@
+"""Curves and tables from a folder of benchmark/run_grid.py results.
+
+    python benchmark/plot.py benchmark/results/carrun_grid --cost-limit 20
+
+Writes into the folder:
+  curves.png   mean ± std over seeds of the training-episode return and cost (iteration means, smoothed over
+               `--smooth` iterations) against online episodes, one line per method, the cost limit drawn
+               (the paper's Figures 3 and 5);
+  table.md     per method, mean ± std over seeds of: offline → after VPA → final deterministic evaluation
+               (return, cost, normalised return, normalised cost), online violations (training episodes over the
+               limit) and cumulative online cost, and the seeds it has.
+"""
+import csv
+import glob
+import json
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import List, Optional
+
+import matplotlib
+import numpy as np
+import tyro
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+LABELS = {"marvel": "Marvel (VPA + aPID)", "warm_start": "Warm Start (SAC-Lag, dual)", "apid_only": "aPID only",
+          "vpa_only": "VPA only (dual)", "vpa_pid": "VPA + PID", "scratch": "From Scratch (paper schedule)",
+          "scratch_standard": "From Scratch (1 update/step)"}
+
+
+@dataclass
+class Args:
+    folder: tyro.conf.Positional[str]
+    """a run_grid.py --out folder"""
+    cost_limit: float = 20.0
+    """drawn in the cost panel"""
+    smooth: int = 4
+    """moving average over this many iterations (1: none)"""
+    methods: Optional[List[str]] = None
+    """methods to show, in this order (default: all found)"""
+    title: str = ""
+    """figure title"""
+
+
+def load_runs(folder: str) -> dict:
+    """method → list of (training rows, result json) over seeds."""
+    runs = defaultdict(list)
+    for path in sorted(glob.glob(os.path.join(folder, "*_seed*.json"))):
+        method = re.sub(r"_seed\d+\.json$", "", os.path.basename(path))
+        rows = [r for r in csv.DictReader(open(path.removesuffix(".json") + ".csv")) if r["lambda"]]
+        runs[method].append((rows, json.load(open(path))))
+    return runs
+
+
+def smooth(x: np.ndarray, k: int) -> np.ndarray:
+    if k <= 1:
+        return x
+    c = np.cumsum(np.insert(x, 0, 0.0))
+    head = c[1:k] / np.arange(1, k)  # growing window at the start
+    return np.concatenate([head, (c[k:] - c[:-k]) / k])[:len(x)]
+
+
+def curves(runs: dict, methods: List[str], args: Args, path: str) -> None:
+    fig, (ax_ret, ax_cost) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for method in methods:
+        seeds = runs[method]
+        n = min(len(rows) for rows, _ in seeds)  # a common length (all runs have the same schedule)
+        episodes = np.array([int(r["episodes"]) for r in seeds[0][0][:n]])
+        for ax, key in ((ax_ret, "return"), (ax_cost, "cost")):
+            ys = np.stack([smooth(np.array([float(r[key]) for r in rows[:n]]), args.smooth) for rows, _ in seeds])
+            mean, std = ys.mean(0), ys.std(0)
+            line, = ax.plot(episodes, mean, label=f"{LABELS.get(method, method)} ({len(seeds)} seeds)")
+            ax.fill_between(episodes, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    ax_cost.axhline(args.cost_limit, color="k", linestyle="--", linewidth=1, label=f"cost limit d = {args.cost_limit:g}")
+    ax_ret.set_ylabel("episode return (training episodes)")
+    ax_cost.set_ylabel("episode cost (training episodes)")
+    for ax in (ax_ret, ax_cost):
+        ax.set_xlabel("online episodes")
+        ax.grid(alpha=0.3)
+    ax_cost.legend(fontsize=7, loc="upper left")
+    fig.suptitle(args.title or f"{os.path.basename(os.path.normpath(args.folder))}: mean ± std over seeds, "
+                                f"{args.smooth}-iteration moving average")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def mean_std(values: List[float], digits: int) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}" if len(values) > 1 else f"{values[0]:.{digits}f}"
+
+
+def table(runs: dict, methods: List[str]) -> str:
+    lines = ["| method | seeds | stage | return | cost | norm. return | norm. cost | online violations | cumulative online cost |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for method in methods:
+        results = [r for _, r in runs[method]]
+        for stage in ("offline", "after_vpa", "final"):
+            evals = [r[stage] for r in results if r.get(stage)]
+            if not evals:
+                continue
+            cells = [mean_std([e[k] for e in evals], d) for k, d in
+                     (("return", 1), ("cost", 1), ("normalized_return", 3), ("normalized_cost", 2))]
+            online = ["", ""] if stage != "final" else [mean_std([e["online_violations"] for e in evals], 1),
+                                                       mean_std([e["cumulative_cost"] for e in evals], 0)]
+            seeds = ",".join(str(r["seed"]) for r in results)
+            lines.append(f"| {LABELS.get(method, method)} | {seeds} | {stage.replace('_', ' ')} | " + " | ".join(cells + online) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args: Args) -> None:
+    runs = load_runs(args.folder)
+    if not runs:
+        raise SystemExit(f"plot.py: error: no *_seed*.json results in {args.folder}")
+    methods = [m for m in (args.methods or sorted(runs, key=lambda m: list(LABELS).index(m) if m in LABELS else 99))
+               if m in runs]
+    curves(runs, methods, args, os.path.join(args.folder, "curves.png"))
+    with open(os.path.join(args.folder, "table.md"), "w") as f:
+        f.write(table(runs, methods))
+    print(table(runs, methods))
+    print(f"wrote {os.path.join(args.folder, 'curves.png')} and table.md")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
