@@ -14,12 +14,14 @@ violations), and per seed `vpa_seed<S>_spearman.csv`. `benchmark/plot.py` turns 
 The offline checkpoint can be one file for all seeds, or a pattern with `{seed}` (one CPQ run per seed).
 """
 import csv
+import itertools
 import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +44,12 @@ METHODS = {
     # From Scratch with a standard SAC schedule: one update of 256 per env step, same env-step budget
     "scratch_standard": ("scratch", ["--episodes-per-iter", "1", "--updates-per-iter", "200", "--batch-size", "256"]),
 }
+# Variants for diagnosis: `<method>+<variant>` adds these flags, e.g. marvel+autotune.
+VARIANTS = {
+    "autotune": ["--autotune"],                                    # learn the SAC temperature α
+    "mix50": ["--offline-ratio", "0.5"],                           # half of each minibatch from the offline data
+    "updates200": ["--updates-per-iter", "200"],                   # 10× the paper's updates per iteration
+}
 
 
 @dataclass
@@ -54,7 +62,7 @@ class Args:
     """online seeds (VPA uses the same seed)"""
     methods: List[str] = field(default_factory=lambda: ["marvel", "warm_start", "apid_only", "vpa_only", "vpa_pid",
                                                         "scratch"])
-    """methods to run, from METHODS (a name may carry a suffix after '+', e.g. marvel+mix, with --extra)"""
+    """methods to run: names from METHODS, each optionally with +VARIANT suffixes (e.g. marvel+autotune)"""
     env_id: str = "OfflineCarRun-v0"
     """DSRL environment id"""
     work_dir: str = "runs/grid"
@@ -103,9 +111,10 @@ def final_row(csv_path: str) -> dict:
 
 
 def main(args: Args) -> None:
-    unknown = [m for m in args.methods if m.split("+")[0] not in METHODS]
+    unknown = [m for m in args.methods if m.split("+")[0] not in METHODS or
+               any(v not in VARIANTS for v in m.split("+")[1:])]
     if unknown:
-        sys.exit(f"run_grid.py: error: unknown methods {unknown}; known: {sorted(METHODS)}")
+        sys.exit(f"run_grid.py: error: unknown methods {unknown}; known: {sorted(METHODS)}, variants {sorted(VARIANTS)}")
     os.makedirs(args.out, exist_ok=True)
     commit, py = git_commit(), sys.executable
 
@@ -115,12 +124,15 @@ def main(args: Args) -> None:
             raise FileNotFoundError(f"no offline checkpoint {path}")
         return path
 
+    vpa_locks = {seed: threading.Lock() for seed in args.seeds}
+
     def vpa_path(seed: int) -> str:
         """VPA once per seed, shared by all VPA methods; its Spearman table is copied into --out."""
         path = os.path.join(args.work_dir, f"vpa_seed{seed}", "vpa.pt")
-        if not os.path.isfile(path):
-            run([py, "vpa.py", "--env-id", args.env_id, "--init", offline_path(seed), "--seed", str(seed),
-                 "--save-path", path, "--no-cuda", *shlex.split(args.vpa_extra)], path.removesuffix(".pt") + ".log")
+        with vpa_locks[seed]:  # the first run that needs it makes it; the others wait
+            if not os.path.isfile(path):
+                run([py, "vpa.py", "--env-id", args.env_id, "--init", offline_path(seed), "--seed", str(seed),
+                     "--save-path", path, "--no-cuda", *shlex.split(args.vpa_extra)], path.removesuffix(".pt") + ".log")
         spearman = path.removesuffix(".pt") + "_spearman.csv"
         if os.path.isfile(spearman):  # absent with --vpa-extra=--no-diagnostic
             shutil.copy(spearman, os.path.join(args.out, f"vpa_seed{seed}_spearman.csv"))
@@ -131,7 +143,9 @@ def main(args: Args) -> None:
         result_json = os.path.join(args.out, name + ".json")
         if os.path.exists(result_json):
             return f"{name}: exists, skipped"
-        start_kind, flags = METHODS[method.split("+")[0]]
+        base, *variants = method.split("+")
+        start_kind, flags = METHODS[base]
+        flags = flags + [flag for v in variants for flag in VARIANTS[v]]
         init = {"vpa": lambda: vpa_path(seed), "offline": lambda: offline_path(seed), "scratch": lambda: "scratch"}
         init_path = init[start_kind]()
         save = os.path.join(args.work_dir, name, "sac_lag.pt")
@@ -152,12 +166,12 @@ def main(args: Args) -> None:
         return f"{name}: final {result['final']['return']:.1f} / {result['final']['cost']:.1f}, " \
                f"{result['final']['online_violations']} violations, {result['wall_time_s']:.0f}s"
 
-    # VPA first (one per seed, in parallel), then the online runs
-    needs_vpa = any(METHODS[m.split("+")[0]][0] == "vpa" for m in args.methods)
+    # alternate methods that need VPA with those that do not, so a seed's VPA runs while the other worker has work
+    with_vpa = [m for m in args.methods if METHODS[m.split("+")[0]][0] == "vpa"]
+    without = [m for m in args.methods if m not in with_vpa]
+    order = [m for pair in itertools.zip_longest(with_vpa, without) for m in pair if m is not None]
     with ThreadPoolExecutor(args.jobs) as pool:
-        if needs_vpa:
-            list(pool.map(vpa_path, args.seeds))
-        futures = [pool.submit(one, m, s) for s in args.seeds for m in args.methods]
+        futures = [pool.submit(one, m, s) for s in args.seeds for m in order]
         for future in futures:
             try:
                 print(future.result(), flush=True)
