@@ -171,6 +171,9 @@ class Args:
     """learn α towards the target entropy −|A|"""
     alpha_lr: float = 3e-4
     """learning rate of log α with --autotune"""
+    cost_value_floor: bool = False
+    """clamp the bootstrapped cost value at 0 in the cost target, y_c = c + γ(1−term)·max(0, Qc'(s', a')):
+    costs are ≥ 0, so is their discounted sum (off: the paper's target; see README "Results")"""
 
 
 # Per-env defaults of the official Marvel configuration: (actor lr, critic lr, cost critic lr, α, online episodes).
@@ -786,12 +789,16 @@ class SACLag(nn.Module):
                 raise InputError(f"checkpoint '{name}' does not fit this architecture ({str(e).splitlines()[0]})")
 
     def critic_targets(self, reward, cost, next_obs, term):
-        """y = r + γ(1−term)(min Q'(s',a') − α log π(a'|s')),  y_c = c + γ(1−term)·Qc'(s',a')."""
+        """y = r + γ(1−term)(min Q'(s',a') − α log π(a'|s')),  y_c = c + γ(1−term)·Qc'(s',a') (Qc' ≥ 0 with
+        --cost-value-floor)."""
         with torch.no_grad():
             next_act, next_log_prob = self.actor(next_obs)
             soft_value = self.critic_target(next_obs, next_act).min(0).values - self.log_alpha.exp() * next_log_prob
             y = reward + self.args.gamma * (1 - term) * soft_value
-            y_c = cost + self.args.gamma * (1 - term) * self.cost_critic_target(next_obs, next_act)[0]
+            next_qc = self.cost_critic_target(next_obs, next_act)[0]
+            if self.args.cost_value_floor:  # a negative extrapolation of Qc' is impossible: do not bootstrap it
+                next_qc = next_qc.clamp_min(0.0)
+            y_c = cost + self.args.gamma * (1 - term) * next_qc
         return y, y_c
 
     def actor_loss(self, obs, lam: float):

@@ -49,6 +49,9 @@ VARIANTS = {
     "autotune": ["--autotune"],                                    # learn the SAC temperature α
     "mix50": ["--offline-ratio", "0.5"],                           # half of each minibatch from the offline data
     "updates200": ["--updates-per-iter", "200"],                   # 10× the paper's updates per iteration
+    "actorlr0.1x": ["--actor-lr", "5e-6"],                         # CarRun's actor lr / 10
+    "criticlr0.1x": ["--critic-lr", "5e-4", "--cost-critic-lr", "8e-4"],  # CarRun's critic lrs / 10
+    "costfloor": ["--cost-value-floor"],                           # Qc' ≥ 0 in the cost target
 }
 
 

@@ -132,6 +132,24 @@ def test_critic_targets_by_hand():
         assert y_c[i].item() == pytest.approx(cost[i].item() + boot * qc[i].item(), rel=1e-5)  # no entropy
 
 
+@pytest.mark.parametrize("floor", [False, True])
+def test_cost_value_floor_clamps_only_the_bootstrap(floor):
+    """--cost-value-floor: y_c = c + γ·max(0, Qc'(s', a')); off, a negative Qc' passes through (the paper's)."""
+    agent = tiny_agent(alpha=0.2)
+    agent.args.cost_value_floor = floor
+    with torch.no_grad():
+        agent.cost_critic_target.biases[-1].fill_(-50.0)  # every Qc'(s', a') far below zero
+    obs, cost, term = torch.randn(4, OBS_DIM), torch.tensor([0.0, 1.0, 0.0, 1.0]), torch.zeros(4)
+    torch.manual_seed(3)
+    _, y_c = agent.critic_targets(torch.zeros(4), cost, obs, term)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        qc = agent.cost_critic_target(obs, agent.actor(obs)[0])[0]
+    assert (qc < 0).all()
+    expected = cost + 0.99 * (qc.clamp_min(0.0) if floor else qc)
+    assert torch.allclose(y_c, expected) and ((y_c == cost).all() if floor else (y_c < 0).all())
+
+
 def test_actor_loss_signs():
     agent = tiny_agent(alpha=0.2)
     obs = torch.randn(16, OBS_DIM)
