@@ -13,6 +13,7 @@ Writes into the folder:
 import csv
 import glob
 import json
+import math
 import os
 import re
 from collections import defaultdict
@@ -64,26 +65,28 @@ def smooth(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def curves(runs: dict, methods: List[str], args: Args, path: str) -> None:
-    fig, (ax_ret, ax_cost) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for method in methods:
+    fig, (ax_ret, ax_cost) = plt.subplots(1, 2, figsize=(12, 4.6 + 0.18 * len(methods)))
+    colors = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors
+    for color, method in zip(colors, methods):
         seeds = runs[method]
         n = min(len(rows) for rows, _ in seeds)  # a common length (all runs have the same schedule)
         episodes = np.array([int(r["episodes"]) for r in seeds[0][0][:n]])
         for ax, key in ((ax_ret, "return"), (ax_cost, "cost")):
             ys = np.stack([smooth(np.array([float(r[key]) for r in rows[:n]]), args.smooth) for rows, _ in seeds])
             mean, std = ys.mean(0), ys.std(0)
-            line, = ax.plot(episodes, mean, label=f"{LABELS.get(method, method)} ({len(seeds)} seeds)")
-            ax.fill_between(episodes, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+            ax.plot(episodes, mean, color=color, label=f"{LABELS.get(method, method)} ({len(seeds)} seeds)")
+            ax.fill_between(episodes, mean - std, mean + std, color=color, alpha=0.15)
     ax_cost.axhline(args.cost_limit, color="k", linestyle="--", linewidth=1, label=f"cost limit d = {args.cost_limit:g}")
     ax_ret.set_ylabel("episode return (training episodes)")
     ax_cost.set_ylabel("episode cost (training episodes)")
     for ax in (ax_ret, ax_cost):
         ax.set_xlabel("online episodes")
         ax.grid(alpha=0.3)
-    ax_cost.legend(fontsize=7, loc="upper left")
+    handles, labels = ax_cost.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(args.title or f"{os.path.basename(os.path.normpath(args.folder))}: mean ± std over seeds, "
                                 f"{args.smooth}-iteration moving average")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03 + 0.03 * math.ceil((len(methods) + 1) / 3), 1, 1))
     fig.savefig(path, dpi=110)
 
 
