@@ -29,7 +29,8 @@ import matplotlib.pyplot as plt
 
 LABELS = {"marvel": "Marvel (VPA + aPID)", "warm_start": "Warm Start (SAC-Lag, dual)", "apid_only": "aPID only",
           "vpa_only": "VPA only (dual)", "vpa_pid": "VPA + PID", "scratch": "From Scratch (paper schedule)",
-          "scratch_standard": "From Scratch (1 update/step)"}
+          "scratch_standard": "From Scratch (1 update/step)", "famo2o_offline15k": "FamO2O-Lag (15k offline steps)",
+          "famo2o": "FamO2O-Lag"}
 
 
 @dataclass
