@@ -1,7 +1,7 @@
 """Marvel (Chen, Wei, Deng, Lin, arXiv 2412.04426): safe offline-to-online RL in one file and one command.
 
     python marvel_full.py --env-id OfflineCarRun-v0                    # CPQ → VPA → SAC-Lag with aPID
-    python marvel_full.py --env-id OfflineCarRun-v0 --no-vpa           # Warm Start (aPID-only)
+    python marvel_full.py --env-id OfflineCarRun-v0 --no-vpa           # aPID only (+ --lagrangian dual: Warm Start)
     python marvel_full.py --env-id OfflineCarRun-v0 --lagrangian dual  # VPA-only (dual-ascent λ)
     python marvel_full.py --env-id OfflineCarRun-v0 --lagrangian pid   # VPA+PID (fixed gains)
     python marvel_full.py --env-id OfflineCarRun-v0 --no-pretrain      # From Scratch
@@ -81,7 +81,7 @@ class Args:
     pretrain: bool = True
     """stage 1 (CPQ) and 2 (VPA); --no-pretrain is From Scratch: SAC-Lag from random networks, no offline data"""
     vpa: bool = True
-    """stage 2; --no-vpa is Warm Start: the offline critics go online as they are"""
+    """stage 2; --no-vpa: the offline critics go online as they are (aPID only; with --lagrangian dual, Warm Start)"""
     offline_checkpoint: Optional[str] = None
     """skip stage 1 and start from this cpq.py / bear_lag.py checkpoint (e.g. one shared by several methods)"""
 
