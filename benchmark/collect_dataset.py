@@ -1,6 +1,7 @@
 """Collect a DSRL-format offline dataset (HDF5, gzip) from behaviour policies, with DSRL-style grid filtering.
 
     python benchmark/collect_dataset.py --env-id OfflineCarRun-v0                      # scripted controllers
+    python benchmark/collect_dataset.py --env-id OfflineBallRun-v0 --num-trajectories 1000
     python benchmark/collect_dataset.py --env-id OfflineBallRun-v0 --checkpoints a.pt b.pt   # saved actors
 
 Behaviour policies:
@@ -8,6 +9,9 @@ Behaviour policies:
     1.5 m/s limit, a burst throttle above it and a total number of burst steps (split into a few bursts at random
     times), a lateral target (now and then outside the |y| ≤ 2 lane) and Gaussian action noise. More burst steps
     mean more cost and more reward, so the family sweeps the (episode cost, return) plane.
+  * scripted (OfflineBallRun-v0): the same family for the ball, whose action is a force in the world frame: a
+    velocity controller tracks a base speed below the 2.5 m/s limit with bursts above it, and a damped position
+    controller holds a lateral target.
   * checkpoints (any task): actors saved by this project's files (format "o2o-safe-rl/1"), each episode with its
     own Gaussian action-noise scale.
 Then the kept trajectories are picked round-robin from a (cost × return) grid so they cover the plane evenly
@@ -34,7 +38,6 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-SCRIPTED_ENVS = ("OfflineCarRun-v0",)
 
 
 @dataclass
@@ -122,6 +125,32 @@ def car_run_controller(rng: np.random.Generator, horizon: int):
     return policy
 
 
+def ball_run_controller(rng: np.random.Generator, horizon: int):
+    """Speed tracking below the 2.5 m/s limit with bursts above it, and a lateral target (Ball: a is the pushing
+    force along world x and y; ≈0.29 m/s of speed per step at |a| = 1, no friction to speak of)."""
+    base = rng.uniform(1.0, 2.3)  # m/s, under the limit
+    burst = rng.uniform(2.8, 4.5)  # over it
+    bursting = np.zeros(horizon, dtype=bool)
+    budget = int(rng.integers(0, 61))  # total burst steps (plus the steps spent braking back under the limit)
+    while bursting.sum() < budget:
+        length = int(rng.integers(4, 16))
+        start = int(rng.integers(0, horizon - length))
+        bursting[start:start + length] = True
+    y_target = rng.uniform(-1.5, 1.5)  # inside the |y| <= 2 lane
+    noise = rng.uniform(0.0, 0.15)
+
+    def policy(obs, t):
+        y, vx, vy = 10.0 * obs[1], 5.0 * obs[2], 5.0 * obs[3]  # the observation carries 0.1·(x, y), 0.2·(vx, vy), …
+        speed = burst if bursting[t] else base
+        action = np.array([speed - vx, 0.5 * (y_target - y) - vy]) + noise * rng.standard_normal(2)
+        return np.clip(action, -1.0, 1.0)
+
+    return policy
+
+
+SCRIPTED_CONTROLLERS = {"OfflineCarRun-v0": car_run_controller, "OfflineBallRun-v0": ball_run_controller}
+
+
 def checkpoint_policy(actor: Actor, rng: np.random.Generator, noise_max: float):
     noise = rng.uniform(0.0, noise_max)
 
@@ -151,7 +180,7 @@ def _init_worker(env_id: str, checkpoints: Tuple[str, ...], noise_max: float):
     torch.set_num_threads(1)
     env = gym.make(env_id)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    _worker.update(env=env, actors=[load_actor(p, obs_dim, act_dim) for p in checkpoints], noise_max=noise_max)
+    _worker.update(env=env, env_id=env_id, actors=[load_actor(p, obs_dim, act_dim) for p in checkpoints], noise_max=noise_max)
 
 
 def collect_episode(task: Tuple[int, int]) -> dict:
@@ -163,7 +192,7 @@ def collect_episode(task: Tuple[int, int]) -> dict:
     if actors:
         policy = checkpoint_policy(actors[index % len(actors)], rng, _worker["noise_max"])
     else:
-        policy = car_run_controller(rng, horizon)
+        policy = SCRIPTED_CONTROLLERS[_worker["env_id"]](rng, horizon)
     obs, _ = env.reset()
     steps = {k: [] for k in ("observations", "next_observations", "actions", "rewards", "costs", "terminals",
                              "timeouts")}
@@ -229,7 +258,7 @@ def scatter_plot(path: str, env_id: str, costs, returns, kept):
 
 
 def main(args: Args) -> None:
-    if args.env_id not in SCRIPTED_ENVS and not args.checkpoints:
+    if args.env_id not in SCRIPTED_CONTROLLERS and not args.checkpoints:
         sys.exit(f"collect_dataset.py: error: no scripted controller for {args.env_id}; pass --checkpoints")
     for p in args.checkpoints:
         if not os.path.isfile(p):

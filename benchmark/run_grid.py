@@ -69,7 +69,8 @@ class Args:
     env_id: str = "OfflineCarRun-v0"
     """DSRL environment id"""
     work_dir: str = "runs/grid"
-    """where checkpoints and TensorBoard logs of the runs go"""
+    """where checkpoints and TensorBoard logs of the runs go (one per task and offline checkpoint: the VPA
+    checkpoints in it are reused)"""
     jobs: int = 2
     """processes at a time (one per core)"""
     extra: str = ""
@@ -136,6 +137,10 @@ def main(args: Args) -> None:
             if not os.path.isfile(path):
                 run([py, "vpa.py", "--env-id", args.env_id, "--init", offline_path(seed), "--seed", str(seed),
                      "--save-path", path, "--no-cuda", *shlex.split(args.vpa_extra)], path.removesuffix(".pt") + ".log")
+            made_from = torch.load(path, map_location="cpu", weights_only=True)["args"]
+            if (made_from["env_id"], made_from["init"]) != (args.env_id, offline_path(seed)):
+                raise RuntimeError(f"{path} was made from {made_from['init']} on {made_from['env_id']}, not from "
+                                   f"{offline_path(seed)} on {args.env_id}; pass another --work-dir")
         spearman = path.removesuffix(".pt") + "_spearman.csv"
         if os.path.isfile(spearman):  # absent with --vpa-extra=--no-diagnostic
             shutil.copy(spearman, os.path.join(args.out, f"vpa_seed{seed}_spearman.csv"))

@@ -123,3 +123,22 @@ def test_online_stage_reproduces_sac_lag_apid(tmp_path, start):
     assert a["algo"] == b["algo"] and a["lagrange"] == b["lagrange"]
     for net in ("actor", "critic", "cost_critic"):
         assert all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
+
+
+def test_offline_stage_reproduces_cpq(tmp_path, dataset_file):
+    """marvel_full.py's stage 1 is cpq.py: same seed, data and budget ⇒ the same checkpoint, bit for bit (so a
+    default marvel_full.py run is also a default cpq.py run)."""
+    shared = ["--no-cuda", "--hidden-sizes", "32", "32", "--vae-hidden", "32", "--eval-episodes", "1", "--seed", "5",
+              "--dataset-path", dataset_file]
+    proc = run(*shared, "--offline-steps", "6", "--offline-eval-every", "3", "--offline-batch-size", "32",
+               "--vpa-steps", "1", "--online-episodes", "1", "--episodes-per-iter", "1", "--updates-per-iter", "1",
+               "--eval-every", "1", "--save-dir", str(tmp_path / "m"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "cpq.py"), *shared, "--total-steps", "6",
+                           "--eval-every", "3", "--batch-size", "32", "--save-path", str(tmp_path / "s" / "cpq.pt")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = (torch.load(tmp_path / d / "cpq.pt", weights_only=True) for d in ("m", "s"))
+    assert a["step"] == b["step"] and a["eval"] == b["eval"] and torch.equal(a["log_alpha_c"], b["log_alpha_c"])
+    for net in ("actor", "critic", "critic_target", "cost_critic", "cost_critic_target", "vae"):
+        assert a[net].keys() == b[net].keys() and all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
