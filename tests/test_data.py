@@ -11,8 +11,8 @@ from conftest import ACT_DIM, ENV_ID, OBS_DIM, ROOT, synthetic_dataset, write_hd
 
 import cpq
 
-DSRL_URL = "http://data.offline-saferl.org/download/SafetyBallRun-v0-80-940.hdf5"
-NO_BUNDLE_ENV = "OfflineBallRun-v0"  # no datasets/OfflineBallRun-v0.hdf5 in the repo: exercises later steps
+DSRL_URL = "http://data.offline-saferl.org/download/SafetyBallCircle-v0-80-886.hdf5"
+NO_BUNDLE_ENV = "OfflineBallCircle-v0"  # no datasets/OfflineBallCircle-v0.hdf5 in the repo: exercises later steps
 
 
 def refuse(url, dest):
@@ -28,7 +28,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def test_explicit_path_wins(dataset_file, cache_dir):
-    write_hdf5(cache_dir / "SafetyBallRun-v0-80-940.hdf5", synthetic_dataset())
+    write_hdf5(cache_dir / "SafetyBallCircle-v0-80-886.hdf5", synthetic_dataset())
     assert cpq.find_dataset(NO_BUNDLE_ENV, DSRL_URL, dataset_file, download=refuse) == dataset_file
 
 
@@ -60,8 +60,8 @@ def test_download_tries_dsrl_then_mirror(cache_dir):
         write_hdf5(dest, synthetic_dataset())
 
     path = cpq.find_dataset(NO_BUNDLE_ENV, DSRL_URL, download=mirror_only)
-    assert calls == [DSRL_URL, cpq.DSRL_MIRROR + "SafetyBallRun-v0-80-940.hdf5"]
-    assert path == str(cache_dir / "SafetyBallRun-v0-80-940.hdf5") and os.path.isfile(path)
+    assert calls == [DSRL_URL, cpq.DSRL_MIRROR + "SafetyBallCircle-v0-80-886.hdf5"]
+    assert path == str(cache_dir / "SafetyBallCircle-v0-80-886.hdf5") and os.path.isfile(path)
 
 
 def test_nothing_found_names_every_place_and_both_remedies(cache_dir):
@@ -69,7 +69,7 @@ def test_nothing_found_names_every_place_and_both_remedies(cache_dir):
         cpq.find_dataset(NO_BUNDLE_ENV, DSRL_URL, download=refuse)
     msg = str(e.value)
     assert "\n" not in msg
-    for part in (str(cache_dir), "datasets/OfflineBallRun-v0.hdf5", DSRL_URL, "huggingface.co",
+    for part in (str(cache_dir), "datasets/OfflineBallCircle-v0.hdf5", DSRL_URL, "huggingface.co",
                  "--dataset-path", "benchmark/collect_dataset.py"):
         assert part in msg
 
@@ -137,15 +137,15 @@ def test_missing_dataset_cli_is_one_line_error(tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and "no dataset for OfflineBallRun-v0" in lines[0]
+    assert len(lines) == 1 and "no dataset for OfflineBallCircle-v0" in lines[0]
     assert "benchmark/collect_dataset.py" in lines[0]
 
 
-def _dsrl_load(path):
+def _dsrl_load(path, env_id=ENV_ID):
     """dsrl's own loader, in a subprocess: Bullet's env builder fflushes sys.stdout by name through ctypes,
     which fails under pytest's output capture."""
     code = ("import os, sys, numpy as np; os.environ['DSRL_SUPPRESS_IMPORT_ERROR'] = '1'; import dsrl, gymnasium as gym; "
-            f"d = gym.make('{ENV_ID}').get_dataset(h5path=sys.argv[1]); np.savez(sys.argv[2], **d)")
+            f"d = gym.make('{env_id}').get_dataset(h5path=sys.argv[1]); np.savez(sys.argv[2], **d)")
     out = path + ".npz"
     proc = subprocess.run([sys.executable, "-c", code, path, out], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -166,14 +166,26 @@ def test_dsrl_loader_accepts_bundled_file(tmp_path):
     cpq.load_dataset(os.path.join(ROOT, "datasets", f"{ENV_ID}.hdf5"), OBS_DIM, ACT_DIM)  # and ours
 
 
-def test_collector_output_loads_in_dsrl(tmp_path):
+def test_dsrl_loader_accepts_bundled_ballrun_file(tmp_path):
+    import shutil
+    path = shutil.copy(os.path.join(ROOT, "datasets", "OfflineBallRun-v0.hdf5"), tmp_path / "bundled.hdf5")
+    data = _dsrl_load(str(path), "OfflineBallRun-v0")
+    assert len(data["rewards"]) == 1000 * 100 and data["timeouts"].sum() == 1000 and not data["terminals"].any()
+    costs, returns = data["costs"].reshape(1000, 100).sum(1), data["rewards"].reshape(1000, 100).sum(1)
+    assert costs.min() == 0 and costs.max() <= 80 and 0.2 <= (costs <= 20).mean() <= 0.5
+    assert np.median(returns[costs <= 20]) == pytest.approx(337.7, abs=0.05)  # the number the README quotes
+    cpq.load_dataset(str(path), 7, 2)
+
+
+@pytest.mark.parametrize("env_id, horizon", [("OfflineCarRun-v0", 200), ("OfflineBallRun-v0", 100)])
+def test_collector_output_loads_in_dsrl(tmp_path, env_id, horizon):
     out = tmp_path / "c.hdf5"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "collect_dataset.py"),
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "collect_dataset.py"), "--env-id", env_id,
                            "--num-trajectories", "4", "--oversample", "2", "--workers", "1", "--output", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    data = _dsrl_load(str(out))
-    assert len(data["rewards"]) == 4 * 200 and data["timeouts"].sum() == 4
+    data = _dsrl_load(str(out), env_id)
+    assert len(data["rewards"]) == 4 * horizon and data["timeouts"].sum() == 4
     with h5py.File(out) as f:
         assert f.attrs["trajectories"] == 4 and "collect_dataset.py" in f.attrs["command"]
     assert (tmp_path / "c.png").stat().st_size > 0
