@@ -390,11 +390,12 @@ class CPQ(nn.Module):
         ood = kl.topk(num_ood).indices
         return obs_rep[ood], act_pi[ood]
 
-    def cost_critic_loss(self, obs, act, cost, next_obs, term, next_act):
-        """L_c = MSE(Qc(s,a), y_c) + OOD penalty; returns (loss, TD part, mean Qc(s, a_ood) detached)."""
+    def cost_critic_loss(self, obs, act, cost, term, next_qc):
+        """L_c = MSE(Qc(s,a), y_c) + OOD penalty, y_c = c + γ(1−term)·Qc'(s', a'); returns (loss, TD part,
+        mean Qc(s, a_ood) detached)."""
         args = self.args
         with torch.no_grad():
-            y_c = cost + args.gamma * (1 - term) * self.cost_critic_target(next_obs, next_act)[0]
+            y_c = cost + args.gamma * (1 - term) * next_qc
             obs_ood, act_ood = self.ood_samples(obs)
         # one forward for the data pairs and the OOD pairs; gradient flows into Qc through both
         qc_all = self.cost_critic(torch.cat([obs, obs_ood]), torch.cat([act, act_ood]))[0]
@@ -436,7 +437,8 @@ class CPQ(nn.Module):
         # 2. cost critic with the OOD penalty (gradient flows into Qc through qc_ood)
         with torch.no_grad():
             next_act, _ = self.actor(next_obs)
-        cost_loss, cost_td, qc_ood = self.cost_critic_loss(obs, act, cost, next_obs, term, next_act)
+            next_qc = self.cost_critic_target(next_obs, next_act)[0]  # also gates the reward bootstrap in 4.
+        cost_loss, cost_td, qc_ood = self.cost_critic_loss(obs, act, cost, term, next_qc)
         self.cost_critic_opt.zero_grad(set_to_none=True)
         cost_loss.backward()
         self.cost_critic_opt.step()
@@ -451,7 +453,7 @@ class CPQ(nn.Module):
 
         # 4. reward critic: bootstrap only through next actions the cost critic deems safe
         with torch.no_grad():
-            safe_next = (self.cost_critic_target(next_obs, next_act)[0] <= self.q_thres).float()
+            safe_next = (next_qc <= self.q_thres).float()
             y = reward + args.gamma * (1 - term) * safe_next * self.critic_target(next_obs, next_act).min(0).values
         critic_loss = F.mse_loss(self.critic(obs, act), y.expand(2, -1), reduction="none").mean(1).sum()
         self.critic_opt.zero_grad(set_to_none=True)

@@ -67,7 +67,8 @@ def test_q_ensemble_members_are_independent_mlps():
 def ood_penalty(agent, obs, act, cost, next_obs, term, next_act, seed=7):
     """(penalty part of L_c, mean Qc(s, a_ood)); the seed fixes the sampled policy actions."""
     torch.manual_seed(seed)
-    loss, td, qc_ood = agent.cost_critic_loss(obs, act, cost, next_obs, term, next_act)
+    next_qc = agent.cost_critic_target(next_obs, next_act)[0].detach()
+    loss, td, qc_ood = agent.cost_critic_loss(obs, act, cost, term, next_qc)
     return loss - td, qc_ood
 
 
@@ -139,7 +140,7 @@ def test_cost_td_matches_per_sample_computation():
     agent = small_agent()
     obs, act, _, cost, next_obs, term = batch(b=8)
     next_act = agent.actor(next_obs)[0].detach()
-    _, td, _ = agent.cost_critic_loss(obs, act, cost, next_obs, term, next_act)
+    _, td, _ = agent.cost_critic_loss(obs, act, cost, term, agent.cost_critic_target(next_obs, next_act)[0].detach())
     errors = []
     with torch.no_grad():
         for i in range(8):
