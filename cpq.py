@@ -391,8 +391,7 @@ class CPQ(nn.Module):
         return obs_rep[ood], act_pi[ood]
 
     def cost_critic_loss(self, obs, act, cost, term, next_qc):
-        """L_c = MSE(Qc(s,a), y_c) + OOD penalty, y_c = c + γ(1−term)·Qc'(s', a'); returns (loss, TD part,
-        mean Qc(s, a_ood) detached)."""
+        """L_c = MSE(Qc(s,a), c + γ(1−term)·Qc'(s',a')) + OOD penalty; returns (loss, TD part, mean Qc(s, a_ood))."""
         args = self.args
         with torch.no_grad():
             y_c = cost + args.gamma * (1 - term) * next_qc
