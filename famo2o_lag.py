@@ -34,7 +34,7 @@ Design choices (this project's safe adaptation; the paper's FamO2O wraps AWAC/IQ
   * Online β: collection samples β ~ π_b and a ~ π; evaluation is deterministic in both. Updates use a sampled β,
     so the members around the chosen balance keep training. Logged: the balance model's mean β over the states
     visited in each iteration (famo2o/beta_mean, famo2o/beta_std, a histogram famo2o/beta, CSV columns).
-Checkpoints (<stem>_offline.pt after the sweep, save_path at the end) follow DESIGN.md's contract plus `balance`,
+Checkpoints (<stem>_offline.pt after the sweep, save_path at the end) follow docs/checkpoints.md plus `balance`,
 `beta_range` and `balance_log_alpha`; the actor takes obs_dim + 6 inputs, so sac_lag_apid.py cannot load them.
 """
 import copy
@@ -94,7 +94,7 @@ class Args:
     hidden_sizes: Tuple[int, ...] = (256, 256)
     """hidden layers of actor and critics"""
     alpha: Optional[float] = None
-    """SAC entropy coefficient α of the universal actor, both phases (default per env, ALGORITHMS.md)"""
+    """SAC entropy coefficient α of the universal actor, both phases (default per env, docs/algorithms.md)"""
 
     # --- the family: β, the balance model and λ
     beta_min: float = 1.0

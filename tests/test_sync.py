@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 FILES = ["cpq.py", "bear_lag.py", "vpa.py", "sac_lag_apid.py", "marvel_full.py", "famo2o_lag.py",
-         "benchmark/collect_dataset.py"]
+         "benchmark/collect_dataset.py", "benchmark/evaluate.py"]
 PER_FILE = {"Args", "main"}
 # vpa.py's Spearman diagnostic (Monte-Carlo rollouts) and its CLI helper; marvel_full.py leaves the diagnostic to vpa.py
 NOT_IN_MARVEL = {"PAIR_KINDS", "PLAIN", "snapshot", "restore", "policy_action", "mc_return", "collect_pairs",
