@@ -11,6 +11,7 @@ controller once, then take `updates_per_iter` gradient steps on minibatches from
     L_π = mean( α·log π(ã|s) − min Q(s, ã) + λ·Qc(s, ã) ),    ã ~ π(s), online critics
 λ comes from `--lagrangian`: apid (adaptive gains), pid (fixed gains), dual (projected gradient ascent) or fixed.
 """
+import copy
 import math
 import os
 import random
@@ -89,8 +90,22 @@ class Args:
     """a_p, a_i, a_d: gain adaptation rates of aPID"""
     dual_lr: float = 0.01
     """step size of `dual`: λ ← max(0, λ + lr·(J − d))"""
+    bounded_gain_adaptation: bool = False
+    """aPID: divide the gain adaptation by max(c̃, d) instead of c̃, so one update changes a gain by at most a factor
+    1 ± a (the paper's c̃ sends the gains to K⁰/10 after a single iteration far under the limit)"""
+    cost_signal: Literal["episodes", "critic"] = "episodes"
+    """what the λ controller sees once per iteration: the mean cost of its episodes (the paper), or the cost critic's
+    estimate of the learner's episode cost, mean Qc(s, π(s))·(1−γ)T/(1−γ^T) over the iteration's minibatches"""
+    bc_weight: float = 0.0
+    """w > 0: actor loss α log π − (min Q − λQc)/ν + w‖ã − a‖² with ν = mean|min Q − λQc| and a the minibatch's
+    actions (TD3+BC-style, anchored to the replay's actions); 0: the paper's SAC-Lag actor"""
+    deploy: Literal["learner", "gated"] = "learner"
+    """who collects the online episodes: the learner (the paper), or `gated`: the last policy that passed a test
+    episode (safe, and at least as good as the deployed policy's episodes of the same iteration)"""
+    gate_max_wait: int = 16
+    """gated: after each failed test the wait before the next one doubles (1, 2, 4, … iterations) up to this"""
     actor_lr: Optional[float] = None
-    """actor learning rate (default per env, ALGORITHMS.md)"""
+    """actor learning rate (default per env, docs/algorithms.md)"""
     critic_lr: Optional[float] = None
     """reward critic learning rate (default per env)"""
     cost_critic_lr: Optional[float] = None
@@ -337,14 +352,19 @@ class AdaptivePIDLagrangian:
         e = J − d;  I ← max(0, I + K_i·e);  p ← ρp + (1−ρ)e;  c̄ ← ρc̄ + (1−ρ)J;  D = max(0, c̄ − H[oldest])
         λ = max(0, K_p·p + I + K_d·D);  then H.append(c̄) and, with c̃ = mean(H) + 0.1, σ = std(H):
         K_p ← K_p·max(0, 1 + a_p(c̃ − d)/c̃),  K_i ← K_i·max(0, 1 + a_i(c̃ − d)/c̃),  K_d ← K_d·(1 + a_d·σ/c̃),
-        each clipped to [K⁰/10, 10·K⁰]: gains grow while costs run above the limit and shrink below it."""
+        each clipped to [K⁰/10, 10·K⁰]: gains grow while costs run above the limit and shrink below it.
+    `lam_init` starts the integral (so λ starts there); `bounded=True` divides the K_p, K_i adaptation by
+    max(c̃, d) instead of c̃, so that one update moves a gain by a factor within [1 − a, 1 + a]."""
 
     def __init__(self, cost_limit: float, kp: float, ki: float, kd: float, delay: int = 10, ema: float = 0.9,
-                 adapt_rates: Tuple[float, float, float] = (0.05, 0.05, 0.05), adaptive: bool = True):
+                 adapt_rates: Tuple[float, float, float] = (0.05, 0.05, 0.05), adaptive: bool = True,
+                 lam_init: float = 0.0, bounded: bool = False):
         self.cost_limit, self.ema, self.adapt_rates, self.adaptive = cost_limit, ema, tuple(adapt_rates), adaptive
+        self.bounded = bounded
         self.gains0 = (kp, ki, kd)
         self.kp, self.ki, self.kd = kp, ki, kd
-        self.integral = self.proportional = self.smoothed_cost = self.lam = 0.0
+        self.proportional = self.smoothed_cost = 0.0
+        self.integral = self.lam = lam_init
         self.history = deque([0.0], maxlen=delay)
 
     def update(self, episode_cost: float) -> float:
@@ -358,9 +378,10 @@ class AdaptivePIDLagrangian:
         if self.adaptive:
             c = float(np.mean(self.history)) + 0.1
             spread = float(np.std(self.history))
+            scale = max(c, self.cost_limit) if self.bounded else c
             a_p, a_i, a_d = self.adapt_rates
-            gains = (self.kp * max(0.0, 1 + a_p * (c - self.cost_limit) / c),
-                     self.ki * max(0.0, 1 + a_i * (c - self.cost_limit) / c),
+            gains = (self.kp * max(0.0, 1 + a_p * (c - self.cost_limit) / scale),
+                     self.ki * max(0.0, 1 + a_i * (c - self.cost_limit) / scale),
                      self.kd * (1 + a_d * spread / c))
             self.kp, self.ki, self.kd = (min(max(k, k0 / 10), 10 * k0) for k, k0 in zip(gains, self.gains0))
         return self.lam
@@ -368,7 +389,7 @@ class AdaptivePIDLagrangian:
     def state_dict(self) -> dict:
         return {"kind": "apid" if self.adaptive else "pid", "lam": self.lam, "kp": self.kp, "ki": self.ki,
                 "kd": self.kd, "integral": self.integral, "proportional": self.proportional,
-                "smoothed_cost": self.smoothed_cost, "history": list(self.history)}
+                "smoothed_cost": self.smoothed_cost, "history": list(self.history), "bounded": self.bounded}
 
 
 class DualAscentLagrangian:
@@ -399,10 +420,49 @@ class FixedLagrangian:
 def make_lagrangian(args: Args):
     if args.lagrangian in ("apid", "pid"):
         return AdaptivePIDLagrangian(args.cost_limit, args.kp, args.ki, args.kd, args.pid_delay, args.pid_ema,
-                                     args.adapt_rates, adaptive=args.lagrangian == "apid")
+                                     args.adapt_rates, adaptive=args.lagrangian == "apid",
+                                     lam_init=args.lagrangian_init, bounded=args.bounded_gain_adaptation)
     if args.lagrangian == "dual":
         return DualAscentLagrangian(args.cost_limit, args.dual_lr, args.lagrangian_init)
     return FixedLagrangian(args.lagrangian_init)
+
+
+class DeploymentGate:
+    """Gated deployment (--deploy gated). The online episodes are run by the *deployed* policy, the last one that
+    proved itself (at first the starting policy); the learner gets one test episode when one is due. It is deployed
+    when that episode stays within the limit and returns at least the mean of the deployed policy's episodes of the
+    same iteration. After a test over the limit the wait before the next test doubles (1, 2, 4, … iterations, at
+    most `max_wait`), so a learner that stays unsafe for K iterations costs about log₂(max_wait) + K/max_wait
+    episodes over the limit instead of one per episode. A deployed policy whose own episode goes over the limit is
+    replaced by the one deployed before it, and counts as a failed test."""
+
+    def __init__(self, cost_limit: float, max_wait: int):
+        self.cost_limit, self.max_wait = cost_limit, max_wait
+        self.wait = self.countdown = 1
+        self.tests = self.deployments = self.rollbacks = 0
+
+    def test_due(self) -> bool:
+        self.countdown -= 1
+        return self.countdown <= 0
+
+    def failed(self) -> None:
+        self.wait = min(2 * self.wait, self.max_wait)
+        self.countdown = self.wait
+
+    def judge(self, test_return: float, test_cost: float, deployed_returns: np.ndarray) -> bool:
+        """After a test episode: True when the learner should be deployed."""
+        self.tests += 1
+        if test_cost > self.cost_limit:
+            self.failed()
+            return False
+        self.wait = self.countdown = 1
+        passed = bool(len(deployed_returns) == 0 or test_return >= float(np.mean(deployed_returns)))
+        self.deployments += int(passed)
+        return passed
+
+    def state_dict(self) -> dict:
+        return {"wait": self.wait, "countdown": self.countdown, "tests": self.tests,
+                "deployments": self.deployments, "rollbacks": self.rollbacks}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -494,12 +554,24 @@ class SACLag(nn.Module):
             y_c = cost + self.args.gamma * (1 - term) * next_qc
         return y, y_c
 
-    def actor_loss(self, obs, lam: float):
-        """L_π = mean(α log π(ã|s) − min Q(s,ã) + λ Qc(s,ã)) with the online critics."""
-        act, log_prob = self.actor(obs)
-        q = self.critic(obs, act).min(0).values
-        qc = self.cost_critic(obs, act)[0]
-        return (self.log_alpha.exp().detach() * log_prob - q + lam * qc).mean(), log_prob, qc
+    def actor_loss(self, obs, act, lam: float):
+        """L_π = mean(α log π(ã|s) − min Q(s,ã) + λ Qc(s,ã)) with the online critics, or with --bc-weight w > 0
+        L_π = mean(α log π(ã|s) − (min Q − λQc)(s,ã)/ν + w‖ã − a‖²), ν = mean|min Q − λQc| (no gradient through ν)."""
+        new_act, log_prob = self.actor(obs)
+        q = self.critic(obs, new_act).min(0).values
+        qc = self.cost_critic(obs, new_act)[0]
+        if self.args.bc_weight == 0:
+            return (self.log_alpha.exp().detach() * log_prob - q + lam * qc).mean(), log_prob, qc
+        # the value term in units of its own mean magnitude, so w means the same for every task and reward scale
+        value = q - lam * qc
+        value = value / value.abs().mean().detach().clamp_min(1e-6)
+        bc = (new_act - act).pow(2).sum(-1)
+        return (self.log_alpha.exp().detach() * log_prob - value + self.args.bc_weight * bc).mean(), log_prob, qc
+
+    @torch.no_grad()
+    def cost_estimate(self, obs) -> torch.Tensor:
+        """mean Qc(s, ã), ã ~ π(s): the cost critic's per-step discounted cost-to-go of the learner."""
+        return self.cost_critic(obs, self.actor(obs)[0])[0].mean()
 
     def update(self, obs, act, reward, cost, next_obs, term, lam: float) -> dict:
         y, y_c = self.critic_targets(reward, cost, next_obs, term)
@@ -511,7 +583,7 @@ class SACLag(nn.Module):
 
         self.critic.requires_grad_(False)  # the actor step needs gradients w.r.t. actions only
         self.cost_critic.requires_grad_(False)
-        actor_loss, log_prob, qc = self.actor_loss(obs, lam)
+        actor_loss, log_prob, qc = self.actor_loss(obs, act, lam)
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_opt.step()
@@ -551,8 +623,10 @@ def main(args: Args) -> dict:
     alpha = args.alpha if args.alpha is not None else alpha
     online_episodes = args.online_episodes if args.online_episodes is not None else episodes
     if min(online_episodes, args.episodes_per_iter, args.updates_per_iter, args.batch_size, args.eval_every,
-           args.eval_episodes) < 1 or alpha <= 0 or not 0 <= args.offline_ratio < 1:
+           args.eval_episodes, args.gate_max_wait) < 1 or alpha <= 0 or not 0 <= args.offline_ratio < 1:
         raise InputError("budgets and sizes must be >= 1, --alpha > 0 and 0 <= --offline-ratio < 1")
+    if args.bc_weight < 0 or args.lagrangian_init < 0:
+        raise InputError("--bc-weight and --lagrangian-init must be >= 0")
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     save_path = args.save_path or os.path.join("runs", run_name, "sac_lag.pt")
     random.seed(args.seed)
@@ -591,17 +665,39 @@ def main(args: Args) -> dict:
     csv_path = save_path.removesuffix(".pt") + "_progress.csv"
     csv = open(csv_path, "w")
     csv.write("episodes,env_steps,return,cost,lambda,kp,ki,kd,violations,cumulative_cost,"
-              "eval_return,eval_cost,eval_normalized_return,eval_normalized_cost\n")
+              "eval_return,eval_cost,eval_normalized_return,eval_normalized_cost,deployments,"
+              "learner_eval_return,learner_eval_cost\n")
+    # gated deployment: `deployed` runs the episodes, `agent.actor` learns; `fallback` is the policy deployed before
+    gate = DeploymentGate(args.cost_limit, args.gate_max_wait) if args.deploy == "gated" else None
+    deployed = copy.deepcopy(agent.actor).requires_grad_(False) if gate else agent.actor
+    fallback = copy.deepcopy(deployed.state_dict()) if gate else None
+    # the critic's per-step discounted cost-to-go in episode-cost units: Qc·(1−γ)T/(1−γ^T) (inverse of q_thres)
+    horizon = eval_env.spec.max_episode_steps
+    to_episode_cost = (1 - args.gamma) * horizon / (1 - args.gamma ** horizon)
 
     def log_eval(episodes_done: int, env_steps: int) -> dict:
         nonlocal evaluated_at
         evaluated_at = episodes_done
-        result = evaluate(agent.actor, eval_env, args.eval_episodes, args.cost_limit, device)
+        result = evaluate(deployed, eval_env, args.eval_episodes, args.cost_limit, device)
         for k, v in result.items():
             writer.add_scalar(f"eval/{k}", v, env_steps)
+        learner = ",,"
+        if gate:  # the learner, evaluated the same way, for the record (it does not touch the online counts)
+            learner_result = evaluate(agent.actor, eval_env, args.eval_episodes, args.cost_limit, device)
+            writer.add_scalar("eval/learner_return", learner_result["return"], env_steps)
+            writer.add_scalar("eval/learner_cost", learner_result["cost"], env_steps)
+            learner = f"{gate.deployments},{learner_result['return']:.4f},{learner_result['cost']:.4f}"
         csv.write(f"{episodes_done},{env_steps},,,,,,,,," + ",".join(f"{result[k]:.4f}" for k in (
-            "return", "cost", "normalized_return", "normalized_cost")) + "\n")
+            "return", "cost", "normalized_return", "normalized_cost")) + f",{learner}\n")
+        csv.flush()
         return result
+
+    def minibatch() -> list:
+        sample = replay.sample(args.batch_size - num_offline, generator)
+        if offline is not None:
+            idx = torch.randint(len(offline["rewards"]), (num_offline,), device=device, generator=generator)
+            sample = [torch.cat([s, offline[k][idx]]) for s, k in zip(sample, REPLAY_KEYS)]
+        return sample
 
     env_steps = episodes_done = violations = evaluated_at = 0
     cumulative_cost, start = 0.0, time.time()
@@ -612,20 +708,32 @@ def main(args: Args) -> dict:
     try:
         for iteration in progress:
             n = min(args.episodes_per_iter, online_episodes - episodes_done)
-            batch, returns, costs = collect_episodes(envs[:n], agent.actor, device)
+            testing = gate is not None and gate.test_due()
+            runners = [(envs[:1], agent.actor), (envs[1:n], deployed)] if testing else [(envs[:n], deployed)]
+            parts = [collect_episodes(env_group, actor, device) for env_group, actor in runners if env_group]
+            batch = {k: np.concatenate([part[0][k] for part in parts]) for k in REPLAY_KEYS}
+            returns, costs = np.concatenate([part[1] for part in parts]), np.concatenate([part[2] for part in parts])
+            if gate:
+                deployed_returns, deployed_costs = (returns[1:], costs[1:]) if testing else (returns, costs)
+                if (deployed_costs > args.cost_limit).any():  # the deployed policy broke the limit: step back
+                    deployed.load_state_dict(fallback)
+                    gate.rollbacks += 1
+                    gate.failed()
+                elif testing and gate.judge(returns[0], costs[0], deployed_returns):
+                    fallback = copy.deepcopy(deployed.state_dict())
+                    deployed.load_state_dict(agent.actor.state_dict())
             replay.add({**batch, "rewards": batch["rewards"] * args.reward_scale})
             env_steps += len(batch["rewards"])
             episodes_done += n
             violations += int((costs > args.cost_limit).sum())
             cumulative_cost += float(costs.sum())
-            lam = lagrangian.update(float(costs.mean()))  # one controller update per iteration
+            # one controller update per iteration, on the episodes' mean cost or on the critic's estimate of it
+            signal = float(costs.mean()) if args.cost_signal == "episodes" else \
+                float(agent.cost_estimate(minibatch()[0])) * to_episode_cost
+            lam = lagrangian.update(signal)
 
             for _ in range(args.updates_per_iter):
-                sample = replay.sample(args.batch_size - num_offline, generator)
-                if offline is not None:
-                    idx = torch.randint(len(offline["rewards"]), (num_offline,), device=device, generator=generator)
-                    sample = [torch.cat([s, offline[k][idx]]) for s, k in zip(sample, REPLAY_KEYS)]
-                info = agent.update(*sample, lam=lam)
+                info = agent.update(*minibatch(), lam=lam)
             for tag, value in zip(info, torch.stack(list(info.values())).tolist()):  # one sync per iteration
                 writer.add_scalar(tag, value, env_steps)
             gains = [getattr(lagrangian, k, float("nan")) for k in ("kp", "ki", "kd")]
@@ -636,7 +744,9 @@ def main(args: Args) -> dict:
             for tag, value in scalars.items():
                 writer.add_scalar(tag, value, env_steps)
             csv.write(f"{episodes_done},{env_steps},{returns.mean():.4f},{costs.mean():.4f},{lam:.6f},"
-                      + ",".join(f"{g:.6g}" for g in gains) + f",{violations},{cumulative_cost:.1f},,,,\n")
+                      + ",".join(f"{g:.6g}" for g in gains) + f",{violations},{cumulative_cost:.1f},,,,,"
+                      + (f"{gate.deployments},," if gate else ",,") + "\n")
+            csv.flush()  # a stopped run keeps its progress
             if episodes_done // args.eval_every > (episodes_done - n) // args.eval_every:
                 last_eval = log_eval(episodes_done, env_steps)
             progress.set_postfix(ret=f"{returns.mean():.0f}", cost=f"{costs.mean():.1f}", lam=f"{lam:.3f}")
@@ -648,6 +758,9 @@ def main(args: Args) -> dict:
     csv.close()
     writer.close()
     ckpt = agent.checkpoint(args, args.env_id, obs_dim, act_dim, env_steps, algo, lagrangian)
+    if gate:  # the checkpoint's actor is the deployed policy (the one evaluated); the learner is kept beside it
+        ckpt = {**ckpt, "actor": deployed.state_dict(), "learner_actor": agent.actor.state_dict(),
+                "gate": gate.state_dict()}
     save_checkpoint(save_path, {**ckpt, "eval": last_eval})
     summary = {"start": first_eval, "final": last_eval, "online_violations": violations,
                "cumulative_cost": cumulative_cost, "episodes": episodes_done, "lambda": lam}
@@ -657,6 +770,8 @@ def main(args: Args) -> dict:
         print(f"{name:8}{r['return']:>10.1f}{r['cost']:>8.1f}{r['normalized_return']:>10.3f}{r['normalized_cost']:>10.3f}")
     print(f"online: {episodes_done} episodes, {violations} over the limit, cumulative cost {cumulative_cost:.0f}, "
           f"final λ {lam:.4f}, wall time {time.time() - start:.0f}s")
+    if gate:
+        print(f"gate: {gate.tests} tests, {gate.deployments} deployments, {gate.rollbacks} rollbacks")
     print(f"checkpoint: {save_path}   progress: {csv_path}")
     return summary
 

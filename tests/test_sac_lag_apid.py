@@ -13,7 +13,7 @@ import sac_lag_apid as sl
 
 
 def reference_apid(costs, d, k0, delay, rho=0.9, rates=(0.05, 0.05, 0.05), adaptive=True):
-    """A literal transcription of ALGORITHMS.md (lists, no deque), independent of the implementation."""
+    """A literal transcription of docs/algorithms.md's aPID (lists, no deque), independent of the implementation."""
     kp, ki, kd = k0
     integral = p = cbar = 0.0
     history = [0.0]
@@ -154,14 +154,14 @@ def test_actor_loss_signs():
     agent = tiny_agent(alpha=0.2)
     obs = torch.randn(16, OBS_DIM)
     torch.manual_seed(1)
-    loss0, logp, qc = agent.actor_loss(obs, lam=0.0)
+    loss0, logp, qc = agent.actor_loss(obs, None, lam=0.0)
     torch.manual_seed(1)
-    loss1, _, _ = agent.actor_loss(obs, lam=1.0)
+    loss1, _, _ = agent.actor_loss(obs, None, lam=1.0)
     torch.manual_seed(1)
     a, _ = agent.actor(obs)
     q = agent.critic(obs, a).min(0).values
     assert loss0.item() == pytest.approx((0.2 * logp - q).mean().item(), rel=1e-5)  # +α log π, −Q
-    assert (loss1 - loss0).item() == pytest.approx(qc.mean().item(), rel=1e-5)  # +λ·Qc
+    assert (loss1 - loss0).item() == pytest.approx(qc.mean().item(), rel=1e-3, abs=1e-6)  # +λ·Qc (a difference of two sums: float32 rounding)
 
 
 def test_large_lambda_lowers_policy_cost_value():
@@ -173,7 +173,7 @@ def test_large_lambda_lowers_policy_cost_value():
     det = lambda: agent.cost_critic(obs, agent.actor(obs, deterministic=True)[0])[0].mean().item()
     before = det()
     for _ in range(30):
-        loss, *_ = agent.actor_loss(obs, lam=100.0)
+        loss, *_ = agent.actor_loss(obs, None, lam=100.0)
         agent.actor_opt.zero_grad()
         loss.backward()
         agent.actor_opt.step()

@@ -1,0 +1,179 @@
+"""The safe-finetuning mechanisms of sac_lag_apid.py (issue: warm starts broke the limit): each against its equation
+on a hand-made input, and the bounds they promise."""
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ACT_DIM, OBS_DIM, ROOT
+
+import sac_lag_apid as sl
+
+
+def tiny_agent(**overrides):
+    args = sl.Args(hidden_sizes=(16, 16), **overrides)
+    torch.manual_seed(0)
+    return sl.SACLag(OBS_DIM, ACT_DIM, args, (1e-3, 1e-3, 1e-3), alpha=0.1)
+
+
+# --- aPID: --lagrangian-init and --bounded-gain-adaptation ----------------------------------------------------
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_apid_starts_at_lagrangian_init(adaptive):
+    c = sl.AdaptivePIDLagrangian(20.0, kp=0.1, ki=0.01, kd=0.05, delay=3, adaptive=adaptive, lam_init=2.0)
+    assert c.lam == 2.0
+    # J = 40: e = 20, I = 2 + 0.01·20 = 2.2, p = 2, c̄ = 4, D = 4 → λ = 0.1·2 + 2.2 + 0.05·4 = 2.6
+    assert c.update(40.0) == pytest.approx(2.6)
+    # J = 0 from there: the integral winds down from where it started, not from 0
+    c2 = sl.AdaptivePIDLagrangian(20.0, kp=0.0, ki=0.01, kd=0.0, adaptive=False, lam_init=2.0)
+    assert c2.update(0.0) == pytest.approx(2.0 - 0.2)
+
+
+def test_make_lagrangian_passes_init_to_apid_and_pid():
+    for kind in ("apid", "pid"):
+        assert sl.make_lagrangian(sl.Args(lagrangian=kind, lagrangian_init=1.5)).lam == 1.5
+
+
+def test_bounded_adaptation_by_hand():
+    # one update at J = 0 (far under d = 20): H = [0, 0], c̃ = 0.1. Paper: factor 1 + 0.05·(0.1 − 20)/0.1 < 0 → the
+    # gains hit the floor K⁰/10 at once. Bounded: factor 1 + 0.05·(0.1 − 20)/max(0.1, 20) = 0.95025.
+    paper = sl.AdaptivePIDLagrangian(20.0, kp=0.1, ki=0.01, kd=0.05, bounded=False)
+    bounded = sl.AdaptivePIDLagrangian(20.0, kp=0.1, ki=0.01, kd=0.05, bounded=True)
+    paper.update(0.0)
+    bounded.update(0.0)
+    assert (paper.kp, paper.ki) == pytest.approx((0.01, 0.001))
+    assert (bounded.kp, bounded.ki) == pytest.approx((0.1 * 0.95025, 0.01 * 0.95025))
+    # above the limit c̃ ≥ d, so max(c̃, d) = c̃: both forms agree
+    a = sl.AdaptivePIDLagrangian(20.0, kp=0.1, ki=0.01, kd=0.05, delay=1, bounded=False)
+    b = sl.AdaptivePIDLagrangian(20.0, kp=0.1, ki=0.01, kd=0.05, delay=1, bounded=True)
+    for J in (300.0, 250.0):
+        assert a.update(J) == b.update(J) and (a.kp, a.ki, a.kd) == (b.kp, b.ki, b.kd)
+
+
+@pytest.mark.parametrize("costs", [[0.0] * 30, [60.0] * 30, [0.0, 80.0] * 15, list(np.linspace(0, 100, 30))])
+def test_bounded_adaptation_moves_gains_by_at_most_the_rate(costs):
+    rates = (0.05, 0.05, 0.05)
+    c = sl.AdaptivePIDLagrangian(20.0, kp=0.1, ki=0.01, kd=0.05, adapt_rates=rates, bounded=True)
+    for J in costs:
+        kp, ki = c.kp, c.ki
+        c.update(J)
+        # |factor − 1| ≤ a when it is not clipped; the clip to [K⁰/10, 10K⁰] can only shorten the step
+        assert 1 - rates[0] - 1e-12 <= c.kp / kp <= 1 + rates[0] + 1e-12
+        assert 1 - rates[1] - 1e-12 <= c.ki / ki <= 1 + rates[1] + 1e-12
+
+
+# --- actor with a behaviour-cloning anchor (--bc-weight) -------------------------------------------------------
+def test_bc_actor_loss_by_hand():
+    agent = tiny_agent(bc_weight=0.4)
+    obs, data_act = torch.randn(8, OBS_DIM), torch.rand(8, ACT_DIM) * 2 - 1
+    lam = 0.7
+    torch.manual_seed(5)
+    loss, log_prob, qc = agent.actor_loss(obs, data_act, lam)
+    torch.manual_seed(5)
+    act, logp = agent.actor(obs)
+    q = agent.critic(obs, act).min(0).values
+    value = q - lam * agent.cost_critic(obs, act)[0]
+    expected = (0.1 * logp - value / value.abs().mean() + 0.4 * ((act - data_act) ** 2).sum(-1)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(log_prob, logp) and torch.allclose(qc, agent.cost_critic(obs, act)[0])
+
+
+def test_bc_term_pulls_the_actor_to_the_data_actions():
+    agent = tiny_agent(bc_weight=10.0, alpha=1e-6)
+    obs = torch.randn(64, OBS_DIM)
+    data_act = torch.full((64, ACT_DIM), 0.5)
+    gap = lambda: (agent.actor(obs, deterministic=True)[0] - data_act).abs().mean().item()
+    before = gap()
+    for _ in range(200):
+        loss, *_ = agent.actor_loss(obs, data_act, 0.0)
+        agent.actor_opt.zero_grad()
+        loss.backward()
+        agent.actor_opt.step()
+    assert gap() < before / 3
+
+
+def test_value_normalisation_makes_the_loss_scale_free():
+    """Scaling both critics by k changes nothing in the bc form: the weight means the same on every task."""
+    obs, data_act = torch.randn(8, OBS_DIM), torch.rand(8, ACT_DIM) * 2 - 1
+    losses = []
+    for k in (1.0, 50.0):
+        agent = tiny_agent(bc_weight=0.4)
+        with torch.no_grad():
+            for net in (agent.critic, agent.cost_critic):
+                net.weights[-1].mul_(k)
+                net.biases[-1].mul_(k)
+        torch.manual_seed(2)
+        losses.append(agent.actor_loss(obs, data_act, 0.3)[0].item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_cost_estimate_is_mean_qc_of_the_learner():
+    agent = tiny_agent()
+    obs = torch.randn(32, OBS_DIM)
+    torch.manual_seed(4)
+    estimate = agent.cost_estimate(obs)
+    torch.manual_seed(4)
+    expected = agent.cost_critic(obs, agent.actor(obs)[0])[0].mean()
+    assert estimate.item() == pytest.approx(expected.item()) and not estimate.requires_grad
+
+
+# --- gated deployment -------------------------------------------------------------------------------------------
+def test_gate_judges_safety_then_return():
+    gate = sl.DeploymentGate(cost_limit=20.0, max_wait=8)
+    deployed_returns = np.array([400.0, 420.0])
+    assert gate.test_due()
+    assert not gate.judge(500.0, 21.0, deployed_returns)  # over the limit: refused, whatever its return
+    assert (gate.wait, gate.countdown) == (2, 2)
+    assert not gate.test_due() and gate.test_due()  # the next test waits 2 iterations
+    assert not gate.judge(409.0, 0.0, deployed_returns)  # safe but worse than the deployed mean (410)
+    assert gate.wait == 1  # a safe test resets the wait
+    assert gate.test_due() and gate.judge(410.0, 20.0, deployed_returns)  # at the limit and as good: deployed
+    assert (gate.tests, gate.deployments) == (3, 1)
+
+
+@pytest.mark.parametrize("iterations, max_wait", [(100, 16), (100, 4), (1000, 16)])
+def test_gate_bounds_the_tests_of_an_always_unsafe_learner(iterations, max_wait):
+    """Tests over the limit come at waits 1, 2, 4, …, max_wait: at most log₂(max_wait) + 1 + K/max_wait of them."""
+    gate = sl.DeploymentGate(cost_limit=20.0, max_wait=max_wait)
+    failures = 0
+    for _ in range(iterations):
+        if gate.test_due():
+            failures += not gate.judge(600.0, 100.0, np.array([400.0]))
+    assert failures <= math.log2(max_wait) + 1 + iterations / max_wait
+    assert failures >= iterations / max_wait  # and it keeps testing: a learner that turns safe gets its chance
+
+
+def cli(*flags, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sac_lag_apid.py"), "--no-cuda",
+                           "--hidden-sizes", "32", "32", "--online-episodes", "8", "--episodes-per-iter", "2",
+                           "--updates-per-iter", "3", "--eval-every", "4", "--eval-episodes", "1", *flags],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_cli_gated_run_keeps_the_deployed_actor(tmp_path, dataset_file):
+    proc = cli("--deploy", "gated", "--bc-weight", "0.4", "--cost-signal", "critic", "--offline-ratio", "0.5",
+               "--dataset-path", dataset_file, "--save-path", str(tmp_path / "s.pt"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "gate:" in proc.stdout
+    ckpt = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert {"learner_actor", "gate"} <= ckpt.keys() and ckpt["gate"]["tests"] >= 1
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "s_progress.csv")))
+    evals = [r for r in rows if r["eval_return"]]
+    assert len(evals) == 3 and all(r["learner_eval_return"] for r in evals)
+    assert int(rows[-1]["deployments"]) == ckpt["gate"]["deployments"]
+    # the actor in the checkpoint is the deployed one: the learner differs after 12 updates unless just deployed
+    if ckpt["gate"]["deployments"] == 0:
+        assert not all(torch.equal(ckpt["actor"][k], ckpt["learner_actor"][k]) for k in ckpt["actor"])
+
+
+@pytest.mark.parametrize("flags, message", [(["--bc-weight", "-1"], "--bc-weight"),
+                                            (["--gate-max-wait", "0"], ">= 1"),
+                                            (["--lagrangian-init", "-1"], "--lagrangian-init")])
+def test_cli_refuses_bad_mechanism_flags(tmp_path, flags, message):
+    proc = cli(*flags, cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
