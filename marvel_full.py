@@ -162,15 +162,18 @@ class Args:
     bounded_gain_adaptation: bool = False
     """aPID: divide the gain adaptation by max(c̃, d) instead of c̃, so one update changes a gain by at most a factor
     1 ± a (the paper's c̃ sends the gains to K⁰/10 after a single iteration far under the limit)"""
-    cost_signal: Literal["episodes", "critic"] = "episodes"
+    cost_signal: Literal["episodes", "critic", "tests"] = "episodes"
     """what the λ controller sees once per iteration: the mean cost of its episodes (the paper), or the cost critic's
-    estimate of the learner's episode cost, mean Qc(s, π(s))·(1−γ)T/(1−γ^T) over a minibatch"""
+    estimate of the learner's episode cost, mean Qc(s, π(s))·(1−γ)T/(1−γ^T) over a minibatch, or (`tests`, with
+    --deploy gated) the cost of the learner's test episode, only in iterations that have one"""
     bc_weight: float = 0.0
     """w > 0: actor loss α log π − (min Q − λQc)/ν + w‖ã − a‖² with ν = mean|min Q − λQc| and a the minibatch's
     actions (TD3+BC-style, anchored to the replay's actions); 0: the paper's SAC-Lag actor"""
     deploy: Literal["learner", "gated"] = "learner"
     """who collects the online episodes: the learner (the paper), or `gated`: the last policy that passed a test
     episode (safe, and at least as good as the deployed policy's episodes of the same iteration)"""
+    gate_passes: int = 1
+    """gated: consecutive passed tests (one per iteration) before the learner is deployed"""
     gate_max_wait: int = 16
     """gated: after each failed test the wait before the next one doubles (1, 2, 4, … iterations) up to this"""
     offline_ratio: float = 0.0
@@ -740,21 +743,22 @@ class DeploymentGate:
     """Gated deployment (--deploy gated). The online episodes are run by the *deployed* policy, the last one that
     proved itself (at first the starting policy); the learner gets one test episode when one is due. It is deployed
     when that episode stays within the limit and returns at least the mean of the deployed policy's episodes of the
-    same iteration. After a test over the limit the wait before the next test doubles (1, 2, 4, … iterations, at
+    same iteration, in `passes` consecutive tests. After a test over the limit the wait before the next test doubles (1, 2, 4, … iterations, at
     most `max_wait`), so a learner that stays unsafe for K iterations costs about log₂(max_wait) + K/max_wait
     episodes over the limit instead of one per episode. A deployed policy whose own episode goes over the limit is
     replaced by the one deployed before it, and counts as a failed test."""
 
-    def __init__(self, cost_limit: float, max_wait: int):
-        self.cost_limit, self.max_wait = cost_limit, max_wait
+    def __init__(self, cost_limit: float, max_wait: int, passes: int = 1):
+        self.cost_limit, self.max_wait, self.passes = cost_limit, max_wait, passes
         self.wait = self.countdown = 1
-        self.tests = self.deployments = self.rollbacks = 0
+        self.tests = self.deployments = self.rollbacks = self.streak = 0
 
     def test_due(self) -> bool:
         self.countdown -= 1
         return self.countdown <= 0
 
     def failed(self) -> None:
+        self.streak = 0
         self.wait = min(2 * self.wait, self.max_wait)
         self.countdown = self.wait
 
@@ -762,15 +766,20 @@ class DeploymentGate:
         """After a test episode: True when the learner should be deployed."""
         self.tests += 1
         if test_cost > self.cost_limit:
+            self.streak = 0
             self.failed()
             return False
         self.wait = self.countdown = 1
-        passed = bool(len(deployed_returns) == 0 or test_return >= float(np.mean(deployed_returns)))
-        self.deployments += int(passed)
-        return passed
+        as_good = len(deployed_returns) == 0 or test_return >= float(np.mean(deployed_returns))
+        self.streak = self.streak + 1 if as_good else 0
+        if self.streak < self.passes:
+            return False
+        self.streak = 0
+        self.deployments += 1
+        return True
 
     def state_dict(self) -> dict:
-        return {"wait": self.wait, "countdown": self.countdown, "tests": self.tests,
+        return {"wait": self.wait, "countdown": self.countdown, "tests": self.tests, "streak": self.streak,
                 "deployments": self.deployments, "rollbacks": self.rollbacks}
 
 
@@ -1027,7 +1036,7 @@ def finetune(args: Args, init: Optional[dict], data: Optional[dict], writer: Sum
               "eval_return,eval_cost,eval_normalized_return,eval_normalized_cost,deployments,"
               "learner_eval_return,learner_eval_cost\n")
     # gated deployment: `deployed` runs the episodes, `agent.actor` learns; `fallback` is the policy deployed before
-    gate = DeploymentGate(args.cost_limit, args.gate_max_wait) if args.deploy == "gated" else None
+    gate = DeploymentGate(args.cost_limit, args.gate_max_wait, args.gate_passes) if args.deploy == "gated" else None
     deployed = copy.deepcopy(agent.actor).requires_grad_(False) if gate else agent.actor
     fallback = copy.deepcopy(deployed.state_dict()) if gate else None
     # the critic's per-step discounted cost-to-go in episode-cost units: Qc·(1−γ)T/(1−γ^T) (inverse of q_thres)
@@ -1086,10 +1095,15 @@ def finetune(args: Args, init: Optional[dict], data: Optional[dict], writer: Sum
             episodes_done += n
             violations += int((costs > args.cost_limit).sum())
             cumulative_cost += float(costs.sum())
-            # one controller update per iteration, on the episodes' mean cost or on the critic's estimate of it
-            signal = float(costs.mean()) if args.cost_signal == "episodes" else \
-                float(agent.cost_estimate(minibatch()[0])) * to_episode_cost
-            lam = lagrangian.update(signal)
+            # one controller update per iteration: on the episodes' mean cost, on the critic's estimate of the
+            # learner's, or on the learner's test episode (no update without one: the deployed policy's costs say
+            # nothing about the learner's)
+            if args.cost_signal == "episodes":
+                lam = lagrangian.update(float(costs.mean()))
+            elif args.cost_signal == "critic":
+                lam = lagrangian.update(float(agent.cost_estimate(minibatch()[0])) * to_episode_cost)
+            elif testing:
+                lam = lagrangian.update(float(costs[0]))
             # λ as a 0-dim tensor: under --compile a Python float is baked into the graph (a recompile per value)
             lam_tensor = torch.tensor(lam, device=device)
             for _ in range(args.updates_per_iter):
@@ -1141,9 +1155,12 @@ def resolve_defaults(args: Args) -> Args:
                args.eval_every, args.eval_episodes, args.online_episodes]
     if min(budgets) < 1 or args.alpha <= 0:
         raise InputError("budgets, sizes and intervals must be >= 1 and --alpha > 0")
-    if args.bc_weight < 0 or args.lagrangian_init < 0 or args.gate_max_wait < 1 or not 0 <= args.offline_ratio < 1:
-        raise InputError("need --bc-weight >= 0, --lagrangian-init >= 0, --gate-max-wait >= 1 and "
-                         "0 <= --offline-ratio < 1")
+    if args.bc_weight < 0 or args.lagrangian_init < 0 or min(args.gate_max_wait, args.gate_passes) < 1 \
+            or not 0 <= args.offline_ratio < 1:
+        raise InputError("need --bc-weight >= 0, --lagrangian-init >= 0, --gate-max-wait >= 1, --gate-passes >= 1 "
+                         "and 0 <= --offline-ratio < 1")
+    if args.cost_signal == "tests" and args.deploy != "gated":
+        raise InputError("--cost-signal tests needs --deploy gated (only the gate runs test episodes)")
     if min(args.cost_limit, args.cost_limit if args.offline_cost_limit is None else args.offline_cost_limit) < 0:
         raise InputError("--cost-limit and --offline-cost-limit must be >= 0")
     if not (0 <= args.ood_quantile < 1 and args.num_ood_samples >= 1 and args.hidden_sizes and args.pid_delay >= 1

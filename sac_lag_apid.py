@@ -93,15 +93,18 @@ class Args:
     bounded_gain_adaptation: bool = False
     """aPID: divide the gain adaptation by max(c̃, d) instead of c̃, so one update changes a gain by at most a factor
     1 ± a (the paper's c̃ sends the gains to K⁰/10 after a single iteration far under the limit)"""
-    cost_signal: Literal["episodes", "critic"] = "episodes"
+    cost_signal: Literal["episodes", "critic", "tests"] = "episodes"
     """what the λ controller sees once per iteration: the mean cost of its episodes (the paper), or the cost critic's
-    estimate of the learner's episode cost, mean Qc(s, π(s))·(1−γ)T/(1−γ^T) over the iteration's minibatches"""
+    estimate of the learner's episode cost, mean Qc(s, π(s))·(1−γ)T/(1−γ^T) over a minibatch, or (`tests`, with
+    --deploy gated) the cost of the learner's test episode, only in iterations that have one"""
     bc_weight: float = 0.0
     """w > 0: actor loss α log π − (min Q − λQc)/ν + w‖ã − a‖² with ν = mean|min Q − λQc| and a the minibatch's
     actions (TD3+BC-style, anchored to the replay's actions); 0: the paper's SAC-Lag actor"""
     deploy: Literal["learner", "gated"] = "learner"
     """who collects the online episodes: the learner (the paper), or `gated`: the last policy that passed a test
     episode (safe, and at least as good as the deployed policy's episodes of the same iteration)"""
+    gate_passes: int = 1
+    """gated: consecutive passed tests (one per iteration) before the learner is deployed"""
     gate_max_wait: int = 16
     """gated: after each failed test the wait before the next one doubles (1, 2, 4, … iterations) up to this"""
     actor_lr: Optional[float] = None
@@ -431,21 +434,22 @@ class DeploymentGate:
     """Gated deployment (--deploy gated). The online episodes are run by the *deployed* policy, the last one that
     proved itself (at first the starting policy); the learner gets one test episode when one is due. It is deployed
     when that episode stays within the limit and returns at least the mean of the deployed policy's episodes of the
-    same iteration. After a test over the limit the wait before the next test doubles (1, 2, 4, … iterations, at
+    same iteration, in `passes` consecutive tests. After a test over the limit the wait before the next test doubles (1, 2, 4, … iterations, at
     most `max_wait`), so a learner that stays unsafe for K iterations costs about log₂(max_wait) + K/max_wait
     episodes over the limit instead of one per episode. A deployed policy whose own episode goes over the limit is
     replaced by the one deployed before it, and counts as a failed test."""
 
-    def __init__(self, cost_limit: float, max_wait: int):
-        self.cost_limit, self.max_wait = cost_limit, max_wait
+    def __init__(self, cost_limit: float, max_wait: int, passes: int = 1):
+        self.cost_limit, self.max_wait, self.passes = cost_limit, max_wait, passes
         self.wait = self.countdown = 1
-        self.tests = self.deployments = self.rollbacks = 0
+        self.tests = self.deployments = self.rollbacks = self.streak = 0
 
     def test_due(self) -> bool:
         self.countdown -= 1
         return self.countdown <= 0
 
     def failed(self) -> None:
+        self.streak = 0
         self.wait = min(2 * self.wait, self.max_wait)
         self.countdown = self.wait
 
@@ -453,15 +457,20 @@ class DeploymentGate:
         """After a test episode: True when the learner should be deployed."""
         self.tests += 1
         if test_cost > self.cost_limit:
+            self.streak = 0
             self.failed()
             return False
         self.wait = self.countdown = 1
-        passed = bool(len(deployed_returns) == 0 or test_return >= float(np.mean(deployed_returns)))
-        self.deployments += int(passed)
-        return passed
+        as_good = len(deployed_returns) == 0 or test_return >= float(np.mean(deployed_returns))
+        self.streak = self.streak + 1 if as_good else 0
+        if self.streak < self.passes:
+            return False
+        self.streak = 0
+        self.deployments += 1
+        return True
 
     def state_dict(self) -> dict:
-        return {"wait": self.wait, "countdown": self.countdown, "tests": self.tests,
+        return {"wait": self.wait, "countdown": self.countdown, "tests": self.tests, "streak": self.streak,
                 "deployments": self.deployments, "rollbacks": self.rollbacks}
 
 
@@ -623,10 +632,14 @@ def main(args: Args) -> dict:
     alpha = args.alpha if args.alpha is not None else alpha
     online_episodes = args.online_episodes if args.online_episodes is not None else episodes
     if min(online_episodes, args.episodes_per_iter, args.updates_per_iter, args.batch_size, args.eval_every,
-           args.eval_episodes, args.gate_max_wait) < 1 or alpha <= 0 or not 0 <= args.offline_ratio < 1:
-        raise InputError("budgets and sizes must be >= 1, --alpha > 0 and 0 <= --offline-ratio < 1")
+           args.eval_episodes, args.gate_max_wait, args.gate_passes) < 1 or alpha <= 0 \
+            or not 0 <= args.offline_ratio < 1:
+        raise InputError("budgets and sizes (also --gate-max-wait, --gate-passes) must be >= 1, --alpha > 0 and "
+                         "0 <= --offline-ratio < 1")
     if args.bc_weight < 0 or args.lagrangian_init < 0:
         raise InputError("--bc-weight and --lagrangian-init must be >= 0")
+    if args.cost_signal == "tests" and args.deploy != "gated":
+        raise InputError("--cost-signal tests needs --deploy gated (only the gate runs test episodes)")
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     save_path = args.save_path or os.path.join("runs", run_name, "sac_lag.pt")
     random.seed(args.seed)
@@ -668,7 +681,7 @@ def main(args: Args) -> dict:
               "eval_return,eval_cost,eval_normalized_return,eval_normalized_cost,deployments,"
               "learner_eval_return,learner_eval_cost\n")
     # gated deployment: `deployed` runs the episodes, `agent.actor` learns; `fallback` is the policy deployed before
-    gate = DeploymentGate(args.cost_limit, args.gate_max_wait) if args.deploy == "gated" else None
+    gate = DeploymentGate(args.cost_limit, args.gate_max_wait, args.gate_passes) if args.deploy == "gated" else None
     deployed = copy.deepcopy(agent.actor).requires_grad_(False) if gate else agent.actor
     fallback = copy.deepcopy(deployed.state_dict()) if gate else None
     # the critic's per-step discounted cost-to-go in episode-cost units: Qc·(1−γ)T/(1−γ^T) (inverse of q_thres)
@@ -727,10 +740,15 @@ def main(args: Args) -> dict:
             episodes_done += n
             violations += int((costs > args.cost_limit).sum())
             cumulative_cost += float(costs.sum())
-            # one controller update per iteration, on the episodes' mean cost or on the critic's estimate of it
-            signal = float(costs.mean()) if args.cost_signal == "episodes" else \
-                float(agent.cost_estimate(minibatch()[0])) * to_episode_cost
-            lam = lagrangian.update(signal)
+            # one controller update per iteration: on the episodes' mean cost, on the critic's estimate of the
+            # learner's, or on the learner's test episode (no update without one: the deployed policy's costs say
+            # nothing about the learner's)
+            if args.cost_signal == "episodes":
+                lam = lagrangian.update(float(costs.mean()))
+            elif args.cost_signal == "critic":
+                lam = lagrangian.update(float(agent.cost_estimate(minibatch()[0])) * to_episode_cost)
+            elif testing:
+                lam = lagrangian.update(float(costs[0]))
 
             for _ in range(args.updates_per_iter):
                 info = agent.update(*minibatch(), lam=lam)

@@ -153,8 +153,9 @@ def cli(*flags, cwd):
                           capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
-def test_cli_gated_run_keeps_the_deployed_actor(tmp_path, dataset_file):
-    proc = cli("--deploy", "gated", "--bc-weight", "0.4", "--cost-signal", "critic", "--offline-ratio", "0.5",
+@pytest.mark.parametrize("signal", ["critic", "tests"])
+def test_cli_gated_run_keeps_the_deployed_actor(tmp_path, dataset_file, signal):
+    proc = cli("--deploy", "gated", "--bc-weight", "0.4", "--cost-signal", signal, "--offline-ratio", "0.5",
                "--dataset-path", dataset_file, "--save-path", str(tmp_path / "s.pt"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "gate:" in proc.stdout
@@ -172,8 +173,22 @@ def test_cli_gated_run_keeps_the_deployed_actor(tmp_path, dataset_file):
 
 @pytest.mark.parametrize("flags, message", [(["--bc-weight", "-1"], "--bc-weight"),
                                             (["--gate-max-wait", "0"], ">= 1"),
-                                            (["--lagrangian-init", "-1"], "--lagrangian-init")])
+                                            (["--gate-passes", "0"], "--gate-passes"),
+                                            (["--lagrangian-init", "-1"], "--lagrangian-init"),
+                                            (["--cost-signal", "tests"], "--deploy gated")])
 def test_cli_refuses_bad_mechanism_flags(tmp_path, flags, message):
     proc = cli(*flags, cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_gate_needs_consecutive_passes():
+    gate = sl.DeploymentGate(cost_limit=20.0, max_wait=8, passes=2)
+    good, deployed = (450.0, 5.0), np.array([400.0])
+    assert gate.test_due() and not gate.judge(*good, deployed)  # first pass: not yet
+    assert gate.test_due() and gate.judge(*good, deployed)  # second in a row: deployed
+    assert gate.test_due() and not gate.judge(*good, deployed)  # the streak starts again after a deployment
+    assert gate.test_due() and not gate.judge(350.0, 5.0, deployed)  # safe but worse breaks the streak
+    assert gate.test_due() and not gate.judge(*good, deployed)
+    gate.failed()  # a rollback or an unsafe test also breaks it
+    assert gate.streak == 0 and gate.deployments == 1
