@@ -20,7 +20,7 @@ import sys
 import time
 import urllib.request
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Literal, Optional, Tuple
 
 os.environ.setdefault("DSRL_SUPPRESS_IMPORT_ERROR", "1")  # dsrl warns about suites we do not install
@@ -64,9 +64,9 @@ class Args:
     """online episodes (default per env: Ball*/Car* 500, DroneCircle 1000, others 5000)"""
     episodes_per_iter: int = 5
     """stochastic episodes collected per iteration (the λ controller sees their mean cost)"""
-    updates_per_iter: int = 20
+    updates_per_iter: int = 200
     """gradient steps per iteration (paper: 20; a standard SAC schedule is one per env step)"""
-    batch_size: int = 64
+    batch_size: int = 256
     """minibatch size"""
     eval_every: int = 100
     """evaluate every this many online episodes"""
@@ -90,17 +90,20 @@ class Args:
     """a_p, a_i, a_d: gain adaptation rates of aPID"""
     dual_lr: float = 0.01
     """step size of `dual`: λ ← max(0, λ + lr·(J − d))"""
-    bounded_gain_adaptation: bool = False
+    paper: bool = False
+    """the paper's online phase: sets every safe-finetuning flag below to its paper value (PAPER_ONLINE: no gate,
+    SAC-Lag actor, online data only, λ from the episodes' costs, unbounded aPID adaptation, 20 updates of 64)"""
+    bounded_gain_adaptation: bool = True
     """aPID: divide the gain adaptation by max(c̃, d) instead of c̃, so one update changes a gain by at most a factor
     1 ± a (the paper's c̃ sends the gains to K⁰/10 after a single iteration far under the limit)"""
-    cost_signal: Literal["episodes", "critic", "tests"] = "episodes"
+    cost_signal: Literal["episodes", "critic", "tests"] = "tests"
     """what the λ controller sees once per iteration: the mean cost of its episodes (the paper), or the cost critic's
     estimate of the learner's episode cost, mean Qc(s, π(s))·(1−γ)T/(1−γ^T) over a minibatch, or (`tests`, with
     --deploy gated) the cost of the learner's test episode, only in iterations that have one"""
-    bc_weight: float = 0.0
+    bc_weight: float = 0.4
     """w > 0: actor loss α log π − (min Q − λQc)/ν + w‖ã − a‖² with ν = mean|min Q − λQc| and a the minibatch's
     actions (TD3+BC-style, anchored to the replay's actions); 0: the paper's SAC-Lag actor"""
-    deploy: Literal["learner", "gated"] = "learner"
+    deploy: Literal["learner", "gated"] = "gated"
     """who collects the online episodes: the learner (the paper), or `gated`: the last policy that passed a test
     episode (safe, and at least as good as the deployed policy's episodes of the same iteration)"""
     gate_passes: int = 1
@@ -122,7 +125,7 @@ class Args:
     cost_value_floor: bool = False
     """clamp the bootstrapped cost value at 0 in the cost target, y_c = c + γ(1−term)·max(0, Qc'(s', a')):
     costs are ≥ 0, so is their discounted sum (off: the paper's target; see README "Results")"""
-    offline_ratio: float = 0.0
+    offline_ratio: float = 0.5
     """fraction of each minibatch drawn from the offline dataset (0: online buffer only, as in the paper)"""
     gamma: float = 0.99
     """discount factor"""
@@ -141,6 +144,9 @@ ENV_DEFAULTS = {
     "OfflineDroneCircle-v0": (5e-6, 8e-4, 2e-3, 5e-3, 1000), "OfflineDroneRun-v0": (2e-6, 8e-3, 5e-3, 1e-3, 5000),
     "OfflineAntCircle-v0": (5e-5, 5e-4, 8e-4, 5e-5, 5000), "OfflineAntRun-v0": (5e-5, 2e-3, 5e-3, 1e-4, 5000),
 }
+# --paper: the online phase as published (Marvel's SAC-Lag + aPID); the defaults are the safe-finetuning configuration
+PAPER_ONLINE = {"deploy": "learner", "bc_weight": 0.0, "offline_ratio": 0.0, "cost_signal": "episodes",
+                "bounded_gain_adaptation": False, "updates_per_iter": 20, "batch_size": 64}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -624,6 +630,8 @@ class SACLag(nn.Module):
 
 
 def main(args: Args) -> dict:
+    if args.paper:
+        args = replace(args, **PAPER_ONLINE)
     if args.env_id not in ENV_DEFAULTS:
         raise InputError(f"--env-id {args.env_id}: no online defaults; choose one of {sorted(ENV_DEFAULTS)}")
     actor_lr, critic_lr, cost_critic_lr, alpha, episodes = ENV_DEFAULTS[args.env_id]

@@ -27,7 +27,7 @@ import tyro
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-LABELS = {"marvel": "Marvel (VPA + aPID)", "warm_start": "Warm Start (SAC-Lag, dual)", "apid_only": "aPID only",
+LABELS = {"recommended": "Recommended (defaults: gated, BC-anchored)", "marvel": "Marvel (VPA + aPID)", "warm_start": "Warm Start (SAC-Lag, dual)", "apid_only": "aPID only",
           "vpa_only": "VPA only (dual)", "vpa_pid": "VPA + PID", "scratch": "From Scratch (paper schedule)",
           "scratch_standard": "From Scratch (1 update/step)", "famo2o_offline15k": "FamO2O-Lag (15k offline steps)",
           "famo2o": "FamO2O-Lag"}
@@ -76,7 +76,8 @@ def curves(runs: dict, methods: List[str], args: Args, path: str) -> None:
             ys = np.stack([smooth(np.array([float(r[key]) for r in rows[:n]]), args.smooth) for rows, _ in seeds])
             mean, std = ys.mean(0), ys.std(0)
             ax.plot(episodes, mean, color=color, label=f"{LABELS.get(method, method)} ({len(seeds)} seeds)")
-            ax.fill_between(episodes, mean - std, mean + std, color=color, alpha=0.15)
+            low = mean - std if key == "return" else np.maximum(mean - std, 0.0)  # a cost is never below 0
+            ax.fill_between(episodes, low, mean + std, color=color, alpha=0.15)
     ax_cost.axhline(args.cost_limit, color="k", linestyle="--", linewidth=1, label=f"cost limit d = {args.cost_limit:g}")
     ax_ret.set_ylabel("episode return (training episodes)")
     ax_cost.set_ylabel("episode cost (training episodes)")
@@ -113,6 +114,16 @@ def table(runs: dict, methods: List[str]) -> str:
                                                        mean_std([e["cumulative_cost"] for e in evals], 0)]
             seeds = ",".join(str(r["seed"]) for r in results)
             lines.append(f"| {LABELS.get(method, method)} | {seeds} | {stage.replace('_', ' ')} | " + " | ".join(cells + online) + " |")
+    lines += ["", "Per seed: final deterministic evaluation against the run's own offline start.", "",
+              "| method | seed | offline return / cost | final return / cost | final ≥ offline | online violations |",
+              "|---|---|---|---|---|---|"]
+    for method in methods:
+        for _, r in sorted(runs[method], key=lambda run: run[1]["seed"]):
+            final, offline = r["final"], r.get("offline")
+            start = f"{offline['return']:.1f} / {offline['cost']:.1f}" if offline else "—"
+            better = ("yes" if final["return"] >= offline["return"] else "no") if offline else "—"
+            lines.append(f"| {LABELS.get(method, method)} | {r['seed']} | {start} | {final['return']:.1f} / "
+                         f"{final['cost']:.1f} | {better} | {final['online_violations']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -32,17 +32,25 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The paper's online phase, spelled out: sac_lag_apid.py's defaults are the safe-finetuning configuration
+# (docs/algorithms.md, "Safe finetuning"), so the paper's methods switch each of its mechanisms off.
+# (the same settings as sac_lag_apid.py --paper, spelled out so that a method can still change one of them)
+PAPER = ["--deploy", "learner", "--bc-weight", "0", "--offline-ratio", "0", "--cost-signal", "episodes",
+         "--no-bounded-gain-adaptation", "--updates-per-iter", "20", "--batch-size", "64"]
 # method → (starting point, extra sac_lag_apid.py flags). "vpa": the VPA-aligned checkpoint; "offline": the offline
-# checkpoint as it is; "scratch": random networks. The six of the paper (its Figures 3 and 5) come first.
+# checkpoint as it is; "scratch": random networks. `recommended` is what marvel_full.py runs by default; the six of
+# the paper (its Figures 3 and 5) follow.
 METHODS = {
-    "marvel": ("vpa", []),                                    # VPA + aPID
-    "warm_start": ("offline", ["--lagrangian", "dual"]),      # plain SAC-Lag from the offline checkpoint
-    "apid_only": ("offline", []),                             # aPID, no VPA
-    "vpa_only": ("vpa", ["--lagrangian", "dual"]),            # VPA, plain dual ascent
-    "vpa_pid": ("vpa", ["--lagrangian", "pid"]),              # VPA, PID with fixed gains
-    "scratch": ("scratch", []),                               # From Scratch, paper schedule (aPID)
+    "recommended": ("vpa", []),                                       # sac_lag_apid.py's defaults
+    "marvel": ("vpa", PAPER),                                         # VPA + aPID
+    "warm_start": ("offline", PAPER + ["--lagrangian", "dual"]),      # plain SAC-Lag from the offline checkpoint
+    "apid_only": ("offline", PAPER),                                  # aPID, no VPA
+    "vpa_only": ("vpa", PAPER + ["--lagrangian", "dual"]),            # VPA, plain dual ascent
+    "vpa_pid": ("vpa", PAPER + ["--lagrangian", "pid"]),              # VPA, PID with fixed gains
+    "scratch": ("scratch", PAPER),                                    # From Scratch, paper schedule (aPID)
     # From Scratch with a standard SAC schedule: one update of 256 per env step, same env-step budget
-    "scratch_standard": ("scratch", ["--episodes-per-iter", "1", "--updates-per-iter", "200", "--batch-size", "256"]),
+    "scratch_standard": ("scratch", PAPER + ["--episodes-per-iter", "1", "--updates-per-iter", "200",
+                                             "--batch-size", "256"]),  # later flags win over PAPER's
 }
 # Variants for diagnosis: `<method>+<variant>` adds these flags, e.g. marvel+autotune.
 VARIANTS = {
@@ -63,8 +71,7 @@ class Args:
     """results folder (CSVs and JSONs of the finished runs; existing ones are skipped)"""
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     """online seeds (VPA uses the same seed)"""
-    methods: List[str] = field(default_factory=lambda: ["marvel", "warm_start", "apid_only", "vpa_only", "vpa_pid",
-                                                        "scratch"])
+    methods: List[str] = field(default_factory=lambda: ["recommended", "marvel", "warm_start", "scratch"])
     """methods to run: names from METHODS, each optionally with +VARIANT suffixes (e.g. marvel+autotune)"""
     env_id: str = "OfflineCarRun-v0"
     """DSRL environment id"""

@@ -110,7 +110,7 @@ def test_dual_is_projected_ascent():
 
 def tiny_agent(alpha=0.1):
     torch.manual_seed(0)
-    args = sl.Args(hidden_sizes=(32, 32))
+    args = sl.Args(hidden_sizes=(32, 32), bc_weight=0.0)  # the paper's SAC-Lag actor (the bc form: test_safe_finetune.py)
     return sl.SACLag(OBS_DIM, ACT_DIM, args, lrs=(1e-3, 1e-3, 1e-3), alpha=alpha)
 
 

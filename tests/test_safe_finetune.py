@@ -175,7 +175,7 @@ def test_cli_gated_run_keeps_the_deployed_actor(tmp_path, dataset_file, signal):
                                             (["--gate-max-wait", "0"], ">= 1"),
                                             (["--gate-passes", "0"], "--gate-passes"),
                                             (["--lagrangian-init", "-1"], "--lagrangian-init"),
-                                            (["--cost-signal", "tests"], "--deploy gated")])
+                                            (["--deploy", "learner"], "--deploy gated")])
 def test_cli_refuses_bad_mechanism_flags(tmp_path, flags, message):
     proc = cli(*flags, cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and message in proc.stderr
@@ -192,3 +192,23 @@ def test_gate_needs_consecutive_passes():
     assert gate.test_due() and not gate.judge(*good, deployed)
     gate.failed()  # a rollback or an unsafe test also breaks it
     assert gate.streak == 0 and gate.deployments == 1
+
+
+def test_paper_switch_and_the_benchmark_list_agree():
+    """--paper sets exactly PAPER_ONLINE, and run_grid.py's spelled-out PAPER flags parse to the same values."""
+    import tyro
+    sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+    import run_grid
+    import marvel_full
+    assert marvel_full.PAPER_ONLINE == sl.PAPER_ONLINE
+    parsed = tyro.cli(sl.Args, args=run_grid.PAPER)
+    assert {k: getattr(parsed, k) for k in sl.PAPER_ONLINE} == sl.PAPER_ONLINE
+    defaults = sl.Args()
+    assert all(getattr(defaults, k) != v for k, v in sl.PAPER_ONLINE.items())  # each one is a real deviation
+
+
+def test_cli_paper_runs_the_published_online_phase(tmp_path):
+    proc = cli("--paper", "--save-path", str(tmp_path / "s.pt"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert {k: ckpt["args"][k] for k in sl.PAPER_ONLINE} == sl.PAPER_ONLINE and "gate" not in ckpt
