@@ -1,17 +1,20 @@
 """Marvel (Chen, Wei, Deng, Lin, arXiv 2412.04426): safe offline-to-online RL in one file and one command.
 
-    python marvel_full.py --env-id OfflineCarRun-v0                    # CPQ → VPA → SAC-Lag with aPID
-    python marvel_full.py --env-id OfflineCarRun-v0 --no-vpa           # aPID only (+ --lagrangian dual: Warm Start)
-    python marvel_full.py --env-id OfflineCarRun-v0 --lagrangian dual  # VPA-only (dual-ascent λ)
-    python marvel_full.py --env-id OfflineCarRun-v0 --lagrangian pid   # VPA+PID (fixed gains)
-    python marvel_full.py --env-id OfflineCarRun-v0 --no-pretrain      # From Scratch
+    python marvel_full.py --env-id OfflineCarRun-v0                            # CPQ → VPA → safe finetuning
+    python marvel_full.py --env-id OfflineCarRun-v0 --paper                    # Marvel as published (VPA + aPID)
+    python marvel_full.py --env-id OfflineCarRun-v0 --paper --no-vpa           # aPID only (+ --lagrangian dual: Warm Start)
+    python marvel_full.py --env-id OfflineCarRun-v0 --paper --lagrangian dual  # VPA-only (dual-ascent λ)
+    python marvel_full.py --env-id OfflineCarRun-v0 --paper --lagrangian pid   # VPA+PID (fixed gains)
+    python marvel_full.py --env-id OfflineCarRun-v0 --paper --no-pretrain      # From Scratch
 
 The three stages, each a verbatim copy of its standalone file's definitions (tests/test_sync.py keeps them equal):
   1. Offline pretraining, cpq.py: CPQ on the DSRL dataset; the best evaluated checkpoint is kept (cpq.py's rule).
   2. Value Pre-Alignment, vpa.py: the actor μ is frozen and both critics are re-fitted to μ with entropy-
      regularised targets (α_vpa for Q, α_c_vpa < α_vpa for Qc) on the offline data.
   3. Online finetuning, sac_lag_apid.py: SAC-Lagrangian whose λ comes from the adaptive PID controller, updated once
-     per iteration of `episodes_per_iter` episodes with their mean episode cost.
+     per iteration. By default behind a deployment gate (the learner is deployed only after a safe, at-least-as-good
+     test episode), with a BC anchor to the replay's actions and half offline data per minibatch; `--paper` is the
+     published phase (see sac_lag_apid.py and docs/algorithms.md).
 Each stage writes its checkpoint into --save-dir as soon as it ends (cpq.pt, vpa.pt, sac_lag.pt), so an interrupted
 run keeps what finished; `--offline-checkpoint PATH` starts from an existing offline checkpoint instead of stage 1.
 The Spearman diagnostic of VPA is not run here (it needs Monte-Carlo rollouts): run vpa.py for it.

@@ -1,17 +1,21 @@
 """SAC-Lagrangian with an adaptive PID Lagrange multiplier (aPID, Marvel §3.2): online safe RL in one file.
 
-    python sac_lag_apid.py --env-id OfflineCarRun-v0 --init scratch              # From Scratch
-    python sac_lag_apid.py --env-id OfflineCarRun-v0 --init runs/.../cpq.pt      # Warm Start (offline checkpoint)
-    python sac_lag_apid.py --env-id OfflineCarRun-v0 --init runs/.../vpa.pt      # Marvel (VPA-aligned checkpoint)
+    python sac_lag_apid.py --env-id OfflineCarRun-v0 --init runs/.../vpa.pt      # safe finetuning (the defaults)
+    python sac_lag_apid.py --env-id OfflineCarRun-v0 --init runs/.../vpa.pt --paper  # Marvel's online phase
+    python sac_lag_apid.py --env-id OfflineCarRun-v0 --init runs/.../cpq.pt --paper  # Warm Start (+ --lagrangian dual)
+    python sac_lag_apid.py --env-id OfflineCarRun-v0 --init scratch --paper      # From Scratch
 
-Each iteration k: collect `episodes_per_iter` stochastic episodes, feed their mean episode cost J_k to the λ
-controller once, then take `updates_per_iter` gradient steps on minibatches from the online replay buffer:
+Each iteration k: collect `episodes_per_iter` stochastic episodes, update the λ controller once, then take
+`updates_per_iter` gradient steps on minibatches from the replay buffer (half of each from the offline data):
     y   = r + γ(1−term)·( min Q'(s', a') − α·log π(a'|s') ),   a' ~ π(s')
     y_c = c + γ(1−term)·Qc'(s', a')                            (no entropy in the cost target)
-    L_π = mean( α·log π(ã|s) − min Q(s, ã) + λ·Qc(s, ã) ),    ã ~ π(s), online critics
+    L_π = mean( α·log π(ã|s) − (min Q − λQc)(s, ã)/ν + w‖ã − a‖² ),  ã ~ π(s), ν = mean|min Q − λQc|
 λ comes from `--lagrangian`: apid (adaptive gains), pid (fixed gains), dual (projected gradient ascent) or fixed.
-"""
-import copy
+Safe finetuning (the defaults; docs/algorithms.md): the episodes are run by the *deployed* policy, the last learner
+snapshot that passed a test episode (within the limit, at least as good), and λ sees the learner's test episodes.
+`--paper` is the published phase: the learner collects, w = 0 (the SAC-Lag actor), online data only, λ from the
+iteration's mean episode cost, 20 updates of 64.
+"""import copy
 import math
 import os
 import random
