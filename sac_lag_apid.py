@@ -15,7 +15,8 @@ Safe finetuning (the defaults; docs/algorithms.md): the episodes are run by the 
 snapshot that passed a test episode (within the limit, at least as good), and λ sees the learner's test episodes.
 `--paper` is the published phase: the learner collects, w = 0 (the SAC-Lag actor), online data only, λ from the
 iteration's mean episode cost, 20 updates of 64.
-"""import copy
+"""
+import copy
 import math
 import os
 import random
