@@ -178,6 +178,9 @@ class Args:
     deploy: Literal["learner", "gated"] = "gated"
     """who collects the online episodes: the learner (the paper), or `gated`: the last policy that passed a test
     episode (safe, and at least as good as the deployed policy's episodes of the same iteration)"""
+    cost_margin: float = 0.5
+    """the λ controller steers the learner's episode cost to (1 − margin)·d rather than to the limit d itself (a
+    policy whose mean cost sits at the limit breaks it in about half of its episodes); 0: the paper"""
     gate_passes: int = 1
     """gated: consecutive passed tests (one per iteration) before the learner is deployed"""
     gate_max_wait: int = 16
@@ -210,7 +213,8 @@ ENV_DEFAULTS = {
 }
 # --paper: the online phase as published (Marvel's SAC-Lag + aPID); the defaults are the safe-finetuning configuration
 PAPER_ONLINE = {"deploy": "learner", "bc_weight": 0.0, "offline_ratio": 0.0, "cost_signal": "episodes",
-                "bounded_gain_adaptation": False, "updates_per_iter": 20, "batch_size": 64}
+                "bounded_gain_adaptation": False, "updates_per_iter": 20, "batch_size": 64,
+                "cost_margin": 0.0}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -739,25 +743,29 @@ class FixedLagrangian:
 
 
 def make_lagrangian(args: Args):
+    target = (1 - args.cost_margin) * args.cost_limit  # the cost the controller steers to (see --cost-margin)
     if args.lagrangian in ("apid", "pid"):
-        return AdaptivePIDLagrangian(args.cost_limit, args.kp, args.ki, args.kd, args.pid_delay, args.pid_ema,
+        return AdaptivePIDLagrangian(target, args.kp, args.ki, args.kd, args.pid_delay, args.pid_ema,
                                      args.adapt_rates, adaptive=args.lagrangian == "apid",
                                      lam_init=args.lagrangian_init, bounded=args.bounded_gain_adaptation)
     if args.lagrangian == "dual":
-        return DualAscentLagrangian(args.cost_limit, args.dual_lr, args.lagrangian_init)
+        return DualAscentLagrangian(target, args.dual_lr, args.lagrangian_init)
     return FixedLagrangian(args.lagrangian_init)
 
 
 class DeploymentGate:
-    """Gated deployment (--deploy gated). The online episodes are run by the *deployed* policy, the last one that
-    proved itself (at first the starting policy); the learner gets one test episode when one is due. It is deployed
-    when that episode stays within the limit and returns at least the mean of the deployed policy's episodes of the
-    same iteration, in `passes` consecutive tests. After a test over the limit the wait before the next test doubles (1, 2, 4, … iterations, at
-    most `max_wait`), so a learner that stays unsafe for K iterations costs about log₂(max_wait) + K/max_wait
-    episodes over the limit instead of one per episode. A deployed policy whose own episode goes over the limit is
-    replaced by the one deployed before it, and counts as a failed test."""
+    """Gated deployment (--deploy gated). The online episodes are run by `deployed`, the last policy that proved
+    itself (at first the starting policy); the learner gets one test episode when one is due. It is deployed when
+    that episode stays within the limit and returns at least the mean of the deployed policy's safe episodes of the
+    same iteration, in `passes` consecutive tests. After a test over the limit the wait before the next test doubles
+    (1, 2, 4, … iterations, at most `max_wait`), so a learner that stays unsafe for K iterations costs about
+    log₂(max_wait) + K/max_wait episodes over the limit instead of one per episode. A deployed policy whose own
+    episode goes over the limit is replaced by `fallback`, the policy deployed before it (rollback); this does not
+    delay the learner's tests, which may replace an unsafe deployed policy in the same iteration."""
 
-    def __init__(self, cost_limit: float, max_wait: int, passes: int = 1):
+    def __init__(self, actor: nn.Module, cost_limit: float, max_wait: int, passes: int = 1):
+        self.deployed = copy.deepcopy(actor).requires_grad_(False)
+        self.fallback = copy.deepcopy(self.deployed.state_dict())
         self.cost_limit, self.max_wait, self.passes = cost_limit, max_wait, passes
         self.wait = self.countdown = 1
         self.tests = self.deployments = self.rollbacks = self.streak = 0
@@ -766,26 +774,29 @@ class DeploymentGate:
         self.countdown -= 1
         return self.countdown <= 0
 
-    def failed(self) -> None:
-        self.streak = 0
-        self.wait = min(2 * self.wait, self.max_wait)
-        self.countdown = self.wait
-
-    def judge(self, test_return: float, test_cost: float, deployed_returns: np.ndarray) -> bool:
-        """After a test episode: True when the learner should be deployed."""
+    def update(self, learner: nn.Module, deployed_returns: np.ndarray, deployed_costs: np.ndarray,
+               test_return: Optional[float] = None, test_cost: Optional[float] = None) -> None:
+        """After an iteration: roll back if a deployed episode broke the limit, then judge the learner's test."""
+        safe = deployed_costs <= self.cost_limit
+        if not safe.all():
+            self.rollbacks += 1
+            self.deployed.load_state_dict(self.fallback)
+        if test_cost is None:
+            return
         self.tests += 1
         if test_cost > self.cost_limit:
-            self.streak = 0
-            self.failed()
-            return False
+            self.streak, self.wait = 0, min(2 * self.wait, self.max_wait)
+            self.countdown = self.wait
+            return
         self.wait = self.countdown = 1
-        as_good = len(deployed_returns) == 0 or test_return >= float(np.mean(deployed_returns))
+        # returns bought with violations set no bar: only the deployed policy's safe episodes are compared
+        as_good = not safe.any() or test_return >= float(np.mean(deployed_returns[safe]))
         self.streak = self.streak + 1 if as_good else 0
         if self.streak < self.passes:
-            return False
-        self.streak = 0
-        self.deployments += 1
-        return True
+            return
+        self.fallback = copy.deepcopy(self.deployed.state_dict())  # (after a rollback: the policy before it)
+        self.deployed.load_state_dict(learner.state_dict())
+        self.streak, self.deployments = 0, self.deployments + 1
 
     def state_dict(self) -> dict:
         return {"wait": self.wait, "countdown": self.countdown, "tests": self.tests, "streak": self.streak,
@@ -1044,10 +1055,10 @@ def finetune(args: Args, init: Optional[dict], data: Optional[dict], writer: Sum
     csv.write("episodes,env_steps,return,cost,lambda,kp,ki,kd,violations,cumulative_cost,"
               "eval_return,eval_cost,eval_normalized_return,eval_normalized_cost,deployments,"
               "learner_eval_return,learner_eval_cost\n")
-    # gated deployment: `deployed` runs the episodes, `agent.actor` learns; `fallback` is the policy deployed before
-    gate = DeploymentGate(args.cost_limit, args.gate_max_wait, args.gate_passes) if args.deploy == "gated" else None
-    deployed = copy.deepcopy(agent.actor).requires_grad_(False) if gate else agent.actor
-    fallback = copy.deepcopy(deployed.state_dict()) if gate else None
+    # gated deployment: `gate.deployed` runs the episodes, `agent.actor` learns
+    gate = DeploymentGate(agent.actor, args.cost_limit, args.gate_max_wait, args.gate_passes) \
+        if args.deploy == "gated" else None
+    deployed = gate.deployed if gate else agent.actor
     # the critic's per-step discounted cost-to-go in episode-cost units: Qc·(1−γ)T/(1−γ^T) (inverse of q_thres)
     horizon = env.spec.max_episode_steps
     to_episode_cost = (1 - args.gamma) * horizon / (1 - args.gamma ** horizon)
@@ -1090,15 +1101,9 @@ def finetune(args: Args, init: Optional[dict], data: Optional[dict], writer: Sum
             parts = [collect_episodes(env_group, actor, device) for env_group, actor in runners if env_group]
             batch = {k: np.concatenate([part[0][k] for part in parts]) for k in REPLAY_KEYS}
             returns, costs = np.concatenate([part[1] for part in parts]), np.concatenate([part[2] for part in parts])
-            if gate:
-                deployed_returns, deployed_costs = (returns[1:], costs[1:]) if testing else (returns, costs)
-                if (deployed_costs > args.cost_limit).any():  # the deployed policy broke the limit: step back
-                    deployed.load_state_dict(fallback)
-                    gate.rollbacks += 1
-                    gate.failed()
-                elif testing and gate.judge(returns[0], costs[0], deployed_returns):
-                    fallback = copy.deepcopy(deployed.state_dict())
-                    deployed.load_state_dict(agent.actor.state_dict())
+            if gate:  # the learner's test episode, when there is one, is the first
+                test = (returns[0], costs[0]) if testing else ()
+                gate.update(agent.actor, returns[len(test) > 0:], costs[len(test) > 0:], *test)
             replay.add({**batch, "rewards": batch["rewards"] * args.reward_scale})
             env_steps += len(batch["rewards"])
             episodes_done += n
@@ -1167,9 +1172,9 @@ def resolve_defaults(args: Args) -> Args:
     if min(budgets) < 1 or args.alpha <= 0:
         raise InputError("budgets, sizes and intervals must be >= 1 and --alpha > 0")
     if args.bc_weight < 0 or args.lagrangian_init < 0 or min(args.gate_max_wait, args.gate_passes) < 1 \
-            or not 0 <= args.offline_ratio < 1:
-        raise InputError("need --bc-weight >= 0, --lagrangian-init >= 0, --gate-max-wait >= 1, --gate-passes >= 1 "
-                         "and 0 <= --offline-ratio < 1")
+            or not 0 <= args.offline_ratio < 1 or not 0 <= args.cost_margin < 1:
+        raise InputError("need --bc-weight >= 0, --lagrangian-init >= 0, --gate-max-wait >= 1, --gate-passes >= 1, "
+                         "0 <= --offline-ratio < 1 and 0 <= --cost-margin < 1")
     if args.cost_signal == "tests" and args.deploy != "gated":
         raise InputError("--cost-signal tests needs --deploy gated (only the gate runs test episodes)")
     if min(args.cost_limit, args.cost_limit if args.offline_cost_limit is None else args.offline_cost_limit) < 0:

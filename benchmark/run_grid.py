@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (docs/algorithms.md, "Safe finetuning"), so the paper's methods switch each of its mechanisms off.
 # (the same settings as sac_lag_apid.py --paper, spelled out so that a method can still change one of them)
 PAPER = ["--deploy", "learner", "--bc-weight", "0", "--offline-ratio", "0", "--cost-signal", "episodes",
-         "--no-bounded-gain-adaptation", "--updates-per-iter", "20", "--batch-size", "64"]
+         "--no-bounded-gain-adaptation", "--updates-per-iter", "20", "--batch-size", "64", "--cost-margin", "0"]
 # method → (starting point, extra sac_lag_apid.py flags). "vpa": the VPA-aligned checkpoint; "offline": the offline
 # checkpoint as it is; "scratch": random networks. `recommended` is what marvel_full.py runs by default; the six of
 # the paper (its Figures 3 and 5) follow.

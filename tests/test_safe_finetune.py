@@ -121,29 +121,95 @@ def test_cost_estimate_is_mean_qc_of_the_learner():
 
 
 # --- gated deployment -------------------------------------------------------------------------------------------
+def policy(value: float) -> torch.nn.Module:
+    """A stand-in actor whose one weight names it."""
+    net = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.constant_(net.weight, value)
+    return net
+
+
+def who(gate) -> float:
+    return gate.deployed.weight.item()
+
+
+SAFE_EPISODES = (np.array([400.0, 420.0]), np.array([0.0, 5.0]))  # deployed returns (mean 410) and costs
+
+
 def test_gate_judges_safety_then_return():
-    gate = sl.DeploymentGate(cost_limit=20.0, max_wait=8)
-    deployed_returns = np.array([400.0, 420.0])
+    learner = policy(1.0)
+    gate = sl.DeploymentGate(policy(0.0), cost_limit=20.0, max_wait=8)
+    assert who(gate) == 0.0 and not gate.deployed.weight.requires_grad
     assert gate.test_due()
-    assert not gate.judge(500.0, 21.0, deployed_returns)  # over the limit: refused, whatever its return
-    assert (gate.wait, gate.countdown) == (2, 2)
+    gate.update(learner, *SAFE_EPISODES, 500.0, 21.0)  # over the limit: refused, whatever its return
+    assert who(gate) == 0.0 and (gate.wait, gate.countdown) == (2, 2)
     assert not gate.test_due() and gate.test_due()  # the next test waits 2 iterations
-    assert not gate.judge(409.0, 0.0, deployed_returns)  # safe but worse than the deployed mean (410)
-    assert gate.wait == 1  # a safe test resets the wait
-    assert gate.test_due() and gate.judge(410.0, 20.0, deployed_returns)  # at the limit and as good: deployed
-    assert (gate.tests, gate.deployments) == (3, 1)
+    gate.update(learner, *SAFE_EPISODES, 409.0, 0.0)  # safe but worse than the deployed mean (410)
+    assert who(gate) == 0.0 and gate.wait == 1  # a safe test resets the wait
+    assert gate.test_due()
+    gate.update(learner, *SAFE_EPISODES, 410.0, 20.0)  # at the limit and as good: deployed
+    assert who(gate) == 1.0 and (gate.tests, gate.deployments, gate.rollbacks) == (3, 1, 0)
+    learner.weight.data.fill_(2.0)  # the deployed policy is a copy: the learner's updates do not reach it
+    assert who(gate) == 1.0
+
+
+def test_gate_rolls_back_to_the_policy_deployed_before():
+    gate = sl.DeploymentGate(policy(0.0), cost_limit=20.0, max_wait=8)
+    gate.update(policy(1.0), *SAFE_EPISODES, 450.0, 0.0)
+    assert who(gate) == 1.0
+    gate.update(policy(2.0), np.array([600.0, 400.0]), np.array([30.0, 0.0]))  # an episode over the limit
+    assert who(gate) == 0.0 and gate.rollbacks == 1
+    assert gate.countdown == 1 and gate.test_due()  # a rollback does not delay the learner's next test
+
+
+def test_gate_unsafe_deployed_returns_set_no_bar():
+    """An unsafe starting policy (its returns bought with violations) is replaced by the first safe test, in the
+    iteration it breaks the limit; the comparison counts only the deployed policy's safe episodes."""
+    gate = sl.DeploymentGate(policy(0.0), cost_limit=20.0, max_wait=8)
+    gate.update(policy(1.0), np.array([600.0, 600.0]), np.array([50.0, 60.0]), 300.0, 10.0)
+    assert who(gate) == 1.0 and (gate.rollbacks, gate.deployments) == (1, 1)
+    # policy 1 breaks the limit once: rolled back to policy 0; the test of 360 ≥ 350 (the one safe episode; the
+    # 600 over the limit does not count) deploys policy 2, with policy 0, not the broken policy 1, behind it
+    gate.update(policy(2.0), np.array([600.0, 350.0]), np.array([50.0, 0.0]), 360.0, 0.0)
+    assert who(gate) == 2.0 and gate.fallback["weight"].item() == 0.0
+    gate.update(policy(3.0), np.array([600.0, 350.0]), np.array([50.0, 0.0]), 340.0, 0.0)
+    assert who(gate) == 0.0  # worse than 350: not deployed, and the broken policy 2 rolls back
 
 
 @pytest.mark.parametrize("iterations, max_wait", [(100, 16), (100, 4), (1000, 16)])
 def test_gate_bounds_the_tests_of_an_always_unsafe_learner(iterations, max_wait):
     """Tests over the limit come at waits 1, 2, 4, …, max_wait: at most log₂(max_wait) + 1 + K/max_wait of them."""
-    gate = sl.DeploymentGate(cost_limit=20.0, max_wait=max_wait)
-    failures = 0
+    gate = sl.DeploymentGate(policy(0.0), cost_limit=20.0, max_wait=max_wait)
     for _ in range(iterations):
-        if gate.test_due():
-            failures += not gate.judge(600.0, 100.0, np.array([400.0]))
-    assert failures <= math.log2(max_wait) + 1 + iterations / max_wait
-    assert failures >= iterations / max_wait  # and it keeps testing: a learner that turns safe gets its chance
+        gate.update(policy(1.0), np.array([400.0]), np.array([0.0]), *((600.0, 100.0) if gate.test_due() else ()))
+    assert gate.deployments == 0 and who(gate) == 0.0
+    assert gate.tests <= math.log2(max_wait) + 1 + iterations / max_wait
+    assert gate.tests >= iterations / max_wait  # and it keeps testing: a learner that turns safe gets its chance
+
+
+def test_gate_needs_consecutive_passes():
+    gate = sl.DeploymentGate(policy(0.0), cost_limit=20.0, max_wait=8, passes=2)
+    good, worse, deployed = (450.0, 5.0), (350.0, 5.0), (np.array([400.0]), np.array([0.0]))
+    learner = policy(1.0)
+    for test, deployments in [(good, 0), (good, 1),  # first pass: not yet; second in a row: deployed
+                              (good, 1),  # the streak starts again after a deployment
+                              (worse, 1), (good, 1),  # safe but worse breaks the streak
+                              ((450.0, 25.0), 1), (good, 1), (good, 2)]:  # so does an unsafe test
+        gate.countdown = 1
+        assert gate.test_due()
+        gate.update(learner, *deployed, *test)
+        assert gate.deployments == deployments
+
+
+def test_cost_margin_moves_the_controller_target():
+    """--cost-margin m: the controller's error is J − (1 − m)·d, so an episode cost at the limit pushes λ up."""
+    for kind in ("apid", "pid", "dual"):
+        controller = sl.make_lagrangian(sl.Args(lagrangian=kind, cost_margin=0.5, cost_limit=20.0))
+        assert controller.cost_limit == 10.0
+        controller.update(10.0)  # at the target: no integral or proportional push
+        assert getattr(controller, "integral", controller.lam) == 0.0
+        assert getattr(controller, "proportional", 0.0) == 0.0
+        assert controller.update(20.0) > 0.0
+        assert sl.make_lagrangian(sl.Args(lagrangian=kind, cost_margin=0.0, cost_limit=20.0)).cost_limit == 20.0
 
 
 def cli(*flags, cwd):
@@ -175,23 +241,12 @@ def test_cli_gated_run_keeps_the_deployed_actor(tmp_path, dataset_file, signal):
                                             (["--gate-max-wait", "0"], ">= 1"),
                                             (["--gate-passes", "0"], "--gate-passes"),
                                             (["--lagrangian-init", "-1"], "--lagrangian-init"),
-                                            (["--deploy", "learner"], "--deploy gated")])
+                                            (["--deploy", "learner"], "--deploy gated"),
+                                            (["--cost-margin", "1"], "--cost-margin")])
 def test_cli_refuses_bad_mechanism_flags(tmp_path, flags, message):
     proc = cli(*flags, cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-
-
-def test_gate_needs_consecutive_passes():
-    gate = sl.DeploymentGate(cost_limit=20.0, max_wait=8, passes=2)
-    good, deployed = (450.0, 5.0), np.array([400.0])
-    assert gate.test_due() and not gate.judge(*good, deployed)  # first pass: not yet
-    assert gate.test_due() and gate.judge(*good, deployed)  # second in a row: deployed
-    assert gate.test_due() and not gate.judge(*good, deployed)  # the streak starts again after a deployment
-    assert gate.test_due() and not gate.judge(350.0, 5.0, deployed)  # safe but worse breaks the streak
-    assert gate.test_due() and not gate.judge(*good, deployed)
-    gate.failed()  # a rollback or an unsafe test also breaks it
-    assert gate.streak == 0 and gate.deployments == 1
 
 
 def test_paper_switch_and_the_benchmark_list_agree():
