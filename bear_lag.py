@@ -547,6 +547,8 @@ def is_better(result: dict, best: Optional[dict]) -> bool:
 def main(args: Args) -> dict:
     if args.total_steps < 1 or args.batch_size < 1 or args.eval_every < 1 or args.eval_episodes < 1:
         raise InputError("--total-steps, --batch-size, --eval-every and --eval-episodes must be >= 1")
+    if args.cost_limit < 0:
+        raise InputError(f"--cost-limit {args.cost_limit}: must be >= 0 (an episode's cost is a sum of costs >= 0)")
     if args.num_samples < 1 or args.mmd_sigma <= 0 or not 0 <= args.target_mix <= 1:
         raise InputError("--num-samples must be >= 1, --mmd-sigma > 0 and --target-mix in [0, 1]")
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"

@@ -660,6 +660,8 @@ def main(args: Args) -> dict:
             or not 0 <= args.offline_ratio < 1 or not 0 <= args.cost_margin < 1:
         raise InputError("budgets and sizes (also --gate-max-wait, --gate-passes) must be >= 1, --alpha > 0, "
                          "0 <= --offline-ratio < 1 and 0 <= --cost-margin < 1")
+    if args.cost_limit < 0:
+        raise InputError(f"--cost-limit {args.cost_limit}: must be >= 0 (an episode's cost is a sum of costs >= 0)")
     if args.bc_weight < 0 or args.lagrangian_init < 0:
         raise InputError("--bc-weight and --lagrangian-init must be >= 0")
     if args.cost_signal == "tests" and args.deploy != "gated":

@@ -495,6 +495,8 @@ def report_spearman(before: dict, after: dict, pairs: dict, csv_path: str) -> No
 def main(args: Args) -> dict:
     if min(args.total_steps, args.batch_size, args.eval_every, args.eval_episodes, args.mc_horizon + 1) < 1:
         raise InputError("--total-steps, --batch-size, --eval-every, --eval-episodes must be >= 1, --mc-horizon >= 0")
+    if args.cost_limit < 0:
+        raise InputError(f"--cost-limit {args.cost_limit}: must be >= 0 (an episode's cost is a sum of costs >= 0)")
     if args.diagnostic and (args.diagnostic_pairs < 2 or args.pairs_per_episode < 1):
         raise InputError("--diagnostic-pairs must be >= 2 and --pairs-per-episode >= 1 (or pass --no-diagnostic)")
     if args.env_id not in ENV_DEFAULTS and None in (args.critic_lr, args.cost_critic_lr, args.alpha_vpa):

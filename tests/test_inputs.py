@@ -1,0 +1,21 @@
+"""Rules every entry point shares: bad flags are refused with one line naming the flag, before any work starts."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+ENTRY_POINTS = {"cpq.py": [], "bear_lag.py": [], "vpa.py": ["--init", "unused.pt"], "sac_lag_apid.py": [],
+                "famo2o_lag.py": [], "marvel_full.py": []}
+
+
+@pytest.mark.parametrize("script", sorted(ENTRY_POINTS))
+def test_negative_cost_limit_is_refused_by_every_file(script, tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--env-id", "OfflineCarRun-v0", "--no-cuda",
+                           "--cost-limit", "-5", *ENTRY_POINTS[script]],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--cost-limit" in proc.stderr, proc.stderr
+    assert not os.listdir(tmp_path), "nothing is written before the flags are checked"
