@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -283,6 +284,19 @@ def to_cpu(value):
     return value
 
 
+def prepare_output_dir(path: str) -> str:
+    """Create the folder that will hold `path` and prove it writable before any work starts (one-line error if not).
+    Returns the folder: the run's checkpoints, progress CSV and TensorBoard events all go there."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise InputError(f"{path}: cannot write there ({e.strerror or e})") from None
+    return folder
+
+
 def save_checkpoint(path: str, checkpoint: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({"format": CHECKPOINT_FORMAT, **to_cpu(checkpoint)}, path + ".tmp")
@@ -503,6 +517,7 @@ def main(args: Args) -> dict:
         raise InputError(f"--cost-limit {args.cost_limit}: must be >= 0 (an episode's cost is a sum of costs >= 0)")
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     save_path = args.save_path or os.path.join("runs", run_name, "cpq.pt")
+    run_dir = prepare_output_dir(save_path)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -521,7 +536,7 @@ def main(args: Args) -> dict:
     if args.track:
         import wandb
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name)
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     agent = CPQ(obs_dim, act_dim, args, q_thres).to(device)

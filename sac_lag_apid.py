@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 import urllib.request
 from collections import deque
@@ -337,6 +338,19 @@ def to_cpu(value):
     if isinstance(value, (list, tuple)):
         return type(value)(to_cpu(v) for v in value)
     return value
+
+
+def prepare_output_dir(path: str) -> str:
+    """Create the folder that will hold `path` and prove it writable before any work starts (one-line error if not).
+    Returns the folder: the run's checkpoints, progress CSV and TensorBoard events all go there."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise InputError(f"{path}: cannot write there ({e.strerror or e})") from None
+    return folder
 
 
 def save_checkpoint(path: str, checkpoint: dict) -> None:
@@ -668,6 +682,7 @@ def main(args: Args) -> dict:
         raise InputError("--cost-signal tests needs --deploy gated (only the gate runs test episodes)")
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     save_path = args.save_path or os.path.join("runs", run_name, "sac_lag.pt")
+    run_dir = prepare_output_dir(save_path)
     random.seed(args.seed)
     np.random.seed(args.seed)  # also Bullet's reset noise
     torch.manual_seed(args.seed)
@@ -698,9 +713,8 @@ def main(args: Args) -> dict:
     if args.track:
         import wandb
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name)
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    os.makedirs(os.path.dirname(os.path.abspath(save_path)), exist_ok=True)
     csv_path = save_path.removesuffix(".pt") + "_progress.csv"
     csv = open(csv_path, "w")
     csv.write("episodes,env_steps,return,cost,lambda,kp,ki,kd,violations,cumulative_cost,"

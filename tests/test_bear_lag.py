@@ -166,7 +166,7 @@ def test_cli_smoke_and_checkpoint_accepted_downstream(dataset_file, tmp_path):
     assert code == 0, err[-2000:]
     best, last = torch.load(save, weights_only=True), torch.load(tmp_path / "out" / "b_last.pt", weights_only=True)
     assert last["step"] == 4 and best["step"] in (2, 4) and best["algo"] == "bear_lag"
-    assert (tmp_path / "runs").is_dir()  # TensorBoard events under ./runs
+    assert list((tmp_path / "out").glob("events.out.tfevents.*")) and not (tmp_path / "runs").exists()  # TB beside
     # the next stages take it as their --init (run side by side)
     sac = run("sac_lag_apid.py", "--init", str(save), "--hidden-sizes", "32", "32", "--online-episodes", "2",
               "--episodes-per-iter", "2", "--updates-per-iter", "2", "--eval-every", "2", "--eval-episodes", "1",

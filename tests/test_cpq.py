@@ -217,7 +217,7 @@ def test_cli_smoke(dataset_file, tmp_path):
     ckpt = torch.load(save, weights_only=True)
     last = torch.load(tmp_path / "out" / "cpq_last.pt", weights_only=True)
     assert last["step"] == 4 and ckpt["step"] in (2, 4) and ckpt["eval"]["normalized_cost"] >= 0
-    assert (tmp_path / "runs").is_dir()  # TensorBoard events under ./runs
+    assert list((tmp_path / "out").glob("events.out.tfevents.*")) and not (tmp_path / "runs").exists()  # TB beside
 
 
 def test_cli_rejects_bad_budget(dataset_file, tmp_path):

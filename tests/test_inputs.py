@@ -19,3 +19,12 @@ def test_negative_cost_limit_is_refused_by_every_file(script, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "--cost-limit" in proc.stderr, proc.stderr
     assert not os.listdir(tmp_path), "nothing is written before the flags are checked"
+
+
+@pytest.mark.parametrize("script", sorted(ENTRY_POINTS))
+def test_unwritable_output_is_refused_before_training(script, tmp_path):
+    where = ["--save-dir", "/proc/nope"] if script == "marvel_full.py" else ["--save-path", "/proc/nope/x.pt"]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--env-id", "OfflineCarRun-v0", "--no-cuda",
+                           *where, *ENTRY_POINTS[script]], capture_output=True, text=True, cwd=tmp_path, timeout=15)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "/proc/nope" in proc.stderr, proc.stderr

@@ -172,4 +172,4 @@ def test_cli_smoke(dataset_file, tmp_path):
     lines = (tmp_path / "out" / "vpa_spearman.csv").read_text().splitlines()
     assert lines[0] == "critic,pairs,before,after,nonzero_mc" and len(lines) == 5
     assert all(line.split(",")[-1].endswith("/4") for line in lines[1:])  # counts over the 4 diagnostic pairs
-    assert not os.path.exists(str(save) + ".tmp") and (tmp_path / "runs").is_dir()
+    assert not os.path.exists(str(save) + ".tmp") and list((tmp_path / "out").glob("events.out.tfevents.*"))
