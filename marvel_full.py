@@ -189,13 +189,17 @@ class Args:
     offline_ratio: float = 0.5
     """fraction of each online minibatch drawn from the offline dataset (0: online buffer only, as in the paper)"""
     actor_lr: Optional[float] = None
-    """online actor learning rate (default per env, docs/algorithms.md)"""
+    """online actor learning rate (default per env: BallCircle 5e-5, BallRun 1e-5, CarCircle 5e-4, CarRun 5e-5,
+    DroneCircle 5e-6, DroneRun 2e-6, AntCircle 5e-5, AntRun 5e-5)"""
     critic_lr: Optional[float] = None
-    """online (and VPA) reward critic learning rate (default per env)"""
+    """online (and VPA) reward critic learning rate (default per env: BallCircle 5e-3, BallRun 5e-3, CarCircle 5e-3,
+    CarRun 5e-3, DroneCircle 8e-4, DroneRun 8e-3, AntCircle 5e-4, AntRun 2e-3)"""
     cost_critic_lr: Optional[float] = None
-    """online (and VPA) cost critic learning rate (default per env)"""
+    """online (and VPA) cost critic learning rate (default per env: BallCircle 5e-3, BallRun 5e-3, CarCircle 8e-3,
+    CarRun 8e-3, DroneCircle 2e-3, DroneRun 5e-3, AntCircle 8e-4, AntRun 5e-3)"""
     alpha: Optional[float] = None
-    """online entropy coefficient α (default per env; the initial value with --autotune)"""
+    """online entropy coefficient α (default per env: BallCircle 1e-3, BallRun 1e-3, CarCircle 1e-3, CarRun 5e-3,
+    DroneCircle 5e-3, DroneRun 1e-3, AntCircle 5e-5, AntRun 1e-4; the initial value with --autotune)"""
     autotune: bool = False
     """learn α towards the target entropy −|A|"""
     alpha_lr: float = 3e-4

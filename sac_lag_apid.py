@@ -120,13 +120,17 @@ class Args:
     gate_max_wait: int = 16
     """gated: after each failed test the wait before the next one doubles (1, 2, 4, … iterations) up to this"""
     actor_lr: Optional[float] = None
-    """actor learning rate (default per env, docs/algorithms.md)"""
+    """actor learning rate (default per env: BallCircle 5e-5, BallRun 1e-5, CarCircle 5e-4, CarRun 5e-5,
+    DroneCircle 5e-6, DroneRun 2e-6, AntCircle 5e-5, AntRun 5e-5)"""
     critic_lr: Optional[float] = None
-    """reward critic learning rate (default per env)"""
+    """reward critic learning rate (default per env: BallCircle 5e-3, BallRun 5e-3, CarCircle 5e-3, CarRun 5e-3,
+    DroneCircle 8e-4, DroneRun 8e-3, AntCircle 5e-4, AntRun 2e-3)"""
     cost_critic_lr: Optional[float] = None
-    """cost critic learning rate (default per env)"""
+    """cost critic learning rate (default per env: BallCircle 5e-3, BallRun 5e-3, CarCircle 8e-3, CarRun 8e-3,
+    DroneCircle 2e-3, DroneRun 5e-3, AntCircle 8e-4, AntRun 5e-3)"""
     alpha: Optional[float] = None
-    """entropy coefficient α (default per env; the initial value with --autotune)"""
+    """entropy coefficient α (default per env: BallCircle 1e-3, BallRun 1e-3, CarCircle 1e-3, CarRun 5e-3,
+    DroneCircle 5e-3, DroneRun 1e-3, AntCircle 5e-5, AntRun 1e-4; the initial value with --autotune)"""
     autotune: bool = False
     """learn α towards the target entropy −|A|"""
     alpha_lr: float = 3e-4
