@@ -12,7 +12,8 @@ Each iteration k: collect `episodes_per_iter` stochastic episodes, update the λ
     L_π = mean( α·log π(ã|s) − (min Q − λQc)(s, ã)/ν + w‖ã − a‖² ),  ã ~ π(s), ν = mean|min Q − λQc|
 λ comes from `--lagrangian`: apid (adaptive gains), pid (fixed gains), dual (projected gradient ascent) or fixed.
 Safe finetuning (the defaults; docs/algorithms.md): the episodes are run by the *deployed* policy, the last learner
-snapshot that passed a test episode (within the limit, at least as good), and λ sees the learner's test episodes.
+snapshot that passed a test episode (cost at most the controller's target (1 − m)·d, return at least as good), and λ
+sees the learner's test episodes (the latest one's cost, held until the next).
 `--paper` is the published phase: the learner collects, w = 0 (the SAC-Lag actor), online data only, λ from the
 iteration's mean episode cost, 20 updates of 64.
 """
@@ -105,16 +106,17 @@ class Args:
     cost_signal: Literal["episodes", "critic", "tests"] = "tests"
     """what the λ controller sees once per iteration: the mean cost of its episodes (the paper), or the cost critic's
     estimate of the learner's episode cost, mean Qc(s, π(s))·(1−γ)T/(1−γ^T) over a minibatch, or (`tests`, with
-    --deploy gated) the cost of the learner's test episode, only in iterations that have one"""
+    --deploy gated) the cost of the learner's latest test episode, held until the next test"""
     bc_weight: float = 0.4
     """w > 0: actor loss α log π − (min Q − λQc)/ν + w‖ã − a‖² with ν = mean|min Q − λQc| and a the minibatch's
     actions (TD3+BC-style, anchored to the replay's actions); 0: the paper's SAC-Lag actor"""
     deploy: Literal["learner", "gated"] = "gated"
     """who collects the online episodes: the learner (the paper), or `gated`: the last policy that passed a test
-    episode (safe, and at least as good as the deployed policy's episodes of the same iteration)"""
+    episode (cost at most (1 − margin)·d, return at least that of the deployed policy's safe episodes)"""
     cost_margin: float = 0.5
-    """the λ controller steers the learner's episode cost to (1 − margin)·d rather than to the limit d itself (a
-    policy whose mean cost sits at the limit breaks it in about half of its episodes); 0: the paper"""
+    """the λ controller steers the learner's episode cost to (1 − margin)·d rather than to the limit d itself, and the
+    gate deploys the learner only after a test at or under that cost (a policy whose mean cost sits at the limit
+    breaks it in about half of its episodes); 0: the paper"""
     gate_passes: int = 1
     """gated: consecutive passed tests (one per iteration) before the learner is deployed"""
     gate_max_wait: int = 16
@@ -467,17 +469,20 @@ def make_lagrangian(args: Args):
 class DeploymentGate:
     """Gated deployment (--deploy gated). The online episodes are run by `deployed`, the last policy that proved
     itself (at first the starting policy); the learner gets one test episode when one is due. It is deployed when
-    that episode stays within the limit and returns at least the mean of the deployed policy's safe episodes of the
-    same iteration, in `passes` consecutive tests. After a test over the limit the wait before the next test doubles
+    that episode's cost is at most `pass_cost` (the controller's target (1 − m)·d: a single episode at the limit is
+    weak evidence of a policy that stays under it) and its return at least the mean of the deployed policy's safe
+    episodes of the same iteration, in `passes` consecutive tests. After a test over the limit the wait doubles
     (1, 2, 4, … iterations, at most `max_wait`), so a learner that stays unsafe for K iterations costs about
     log₂(max_wait) + K/max_wait episodes over the limit instead of one per episode. A deployed policy whose own
     episode goes over the limit is replaced by `fallback`, the policy deployed before it (rollback); this does not
     delay the learner's tests, which may replace an unsafe deployed policy in the same iteration."""
 
-    def __init__(self, actor: nn.Module, cost_limit: float, max_wait: int, passes: int = 1):
+    def __init__(self, actor: nn.Module, cost_limit: float, max_wait: int, passes: int = 1,
+                 pass_cost: Optional[float] = None):
         self.deployed = copy.deepcopy(actor).requires_grad_(False)
         self.fallback = copy.deepcopy(self.deployed.state_dict())
         self.cost_limit, self.max_wait, self.passes = cost_limit, max_wait, passes
+        self.pass_cost = cost_limit if pass_cost is None else pass_cost
         self.wait = self.countdown = 1
         self.tests = self.deployments = self.rollbacks = self.streak = 0
 
@@ -499,10 +504,10 @@ class DeploymentGate:
             self.streak, self.wait = 0, min(2 * self.wait, self.max_wait)
             self.countdown = self.wait
             return
-        self.wait = self.countdown = 1
+        self.wait = self.countdown = 1  # within the limit: no violation, no back-off
         # returns bought with violations set no bar: only the deployed policy's safe episodes are compared
         as_good = not safe.any() or test_return >= float(np.mean(deployed_returns[safe]))
-        self.streak = self.streak + 1 if as_good else 0
+        self.streak = self.streak + 1 if test_cost <= self.pass_cost and as_good else 0
         if self.streak < self.passes:
             return
         self.fallback = copy.deepcopy(self.deployed.state_dict())  # (after a rollback: the policy before it)
@@ -725,8 +730,8 @@ def main(args: Args) -> dict:
               "eval_return,eval_cost,eval_normalized_return,eval_normalized_cost,deployments,"
               "learner_eval_return,learner_eval_cost\n")
     # gated deployment: `gate.deployed` runs the episodes, `agent.actor` learns
-    gate = DeploymentGate(agent.actor, args.cost_limit, args.gate_max_wait, args.gate_passes) \
-        if args.deploy == "gated" else None
+    gate = DeploymentGate(agent.actor, args.cost_limit, args.gate_max_wait, args.gate_passes,
+                          pass_cost=(1 - args.cost_margin) * args.cost_limit) if args.deploy == "gated" else None
     deployed = gate.deployed if gate else agent.actor
     # the critic's per-step discounted cost-to-go in episode-cost units: Qc·(1−γ)T/(1−γ^T) (inverse of q_thres)
     horizon = eval_env.spec.max_episode_steps
@@ -779,14 +784,16 @@ def main(args: Args) -> dict:
             violations += int((costs > args.cost_limit).sum())
             cumulative_cost += float(costs.sum())
             # one controller update per iteration: on the episodes' mean cost, on the critic's estimate of the
-            # learner's, or on the learner's test episode (no update without one: the deployed policy's costs say
-            # nothing about the learner's)
+            # learner's, or on the learner's latest test episode (the deployed policy's costs say nothing about the
+            # learner's), held until the next test: after a failed test λ keeps rising while the next test waits.
+            # The first iteration always has a test.
             if args.cost_signal == "episodes":
                 lam = lagrangian.update(float(costs.mean()))
             elif args.cost_signal == "critic":
                 lam = lagrangian.update(float(agent.cost_estimate(minibatch()[0])) * to_episode_cost)
-            elif testing:
-                lam = lagrangian.update(float(costs[0]))
+            else:
+                held_test_cost = float(costs[0]) if testing else held_test_cost
+                lam = lagrangian.update(held_test_cost)
 
             for _ in range(args.updates_per_iter):
                 info = agent.update(*minibatch(), lam=lam)

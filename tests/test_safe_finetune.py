@@ -175,6 +175,15 @@ def test_gate_unsafe_deployed_returns_set_no_bar():
     assert who(gate) == 0.0  # worse than 350: not deployed, and the broken policy 2 rolls back
 
 
+def test_gate_deploys_only_at_its_pass_cost():
+    """A test within the limit but over pass_cost is no violation (no back-off) and no deployment."""
+    gate = sl.DeploymentGate(policy(0.0), cost_limit=20.0, max_wait=8, pass_cost=10.0)
+    gate.update(policy(1.0), *SAFE_EPISODES, 500.0, 15.0)
+    assert who(gate) == 0.0 and gate.wait == 1 and gate.test_due()
+    gate.update(policy(1.0), *SAFE_EPISODES, 500.0, 10.0)
+    assert who(gate) == 1.0
+
+
 @pytest.mark.parametrize("iterations, max_wait", [(100, 16), (100, 4), (1000, 16)])
 def test_gate_bounds_the_tests_of_an_always_unsafe_learner(iterations, max_wait):
     """Tests over the limit come at waits 1, 2, 4, …, max_wait: at most log₂(max_wait) + 1 + K/max_wait of them."""
@@ -235,6 +244,29 @@ def test_cli_gated_run_keeps_the_deployed_actor(tmp_path, dataset_file, signal):
     # the actor in the checkpoint is the deployed one: the learner differs after 12 updates unless just deployed
     if ckpt["gate"]["deployments"] == 0:
         assert not all(torch.equal(ckpt["actor"][k], ckpt["learner_actor"][k]) for k in ckpt["actor"])
+
+
+def test_tests_signal_holds_the_latest_test_cost(tmp_path, dataset_file):
+    """--cost-signal tests: the controller is updated every iteration, with the latest test's cost also in the
+    iterations without a test. Only the first iteration tests here (test_due patched); 8 episodes at 2 per iteration
+    are 4 updates, so aPID's history holds 1 + 4 entries (without the hold it would hold 1 + 1). In a subprocess:
+    Bullet cannot start under pytest's captured stdout."""
+    script = f"""
+import sys, tyro
+sys.path.insert(0, {ROOT!r})
+import sac_lag_apid as sl
+calls = iter(range(100))
+sl.DeploymentGate.test_due = lambda self: next(calls) == 0
+sl.main(tyro.cli(sl.Args))
+"""
+    proc = subprocess.run([sys.executable, "-c", script, "--no-cuda", "--hidden-sizes", "32", "32",
+                           "--online-episodes", "8", "--episodes-per-iter", "2", "--updates-per-iter", "3",
+                           "--eval-every", "4", "--eval-episodes", "1", "--pid-delay", "20", "--cost-signal", "tests",
+                           "--dataset-path", dataset_file, "--save-path", str(tmp_path / "s.pt")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert ckpt["gate"]["tests"] == 1 and len(ckpt["lagrange"]["history"]) == 1 + 4
 
 
 @pytest.mark.parametrize("flags, message", [(["--bc-weight", "-1"], "--bc-weight"),
