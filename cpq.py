@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
+    # help that spans lines is one implicitly joined string: tyro keeps the line breaks of a multi-line docstring
     exp_name: str = "cpq"
     """name of this experiment (part of the run name)"""
     env_id: str = "OfflineCarRun-v0"
@@ -100,8 +101,8 @@ class Args:
     qc_thres_factor: float = 1.5
     """qc_thres = factor · q_thres"""
     ood_penalty: Literal["hinge", "linear"] = "hinge"
-    """cost penalty on OOD actions: hinge α_c·relu(qc_thres − Qc) (bounded), or linear −α_c·Qc (the paper's;
-    diverges on CarRun)"""
+    ("cost penalty on OOD actions: hinge α_c·relu(qc_thres − Qc) (bounded), or linear −α_c·Qc (the paper's; "
+     "diverges on CarRun)")
     actor_escape: bool = True
     """a second actor step per update that also lowers Qc(s, ã) where Qc(s, ã) > q_thres (off = the paper's)"""
 

@@ -64,6 +64,7 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
+    # help that spans lines is one implicitly joined string: tyro keeps the line breaks of a multi-line docstring
     exp_name: str = "famo2o_lag"
     """name of this experiment (part of the run name)"""
     env_id: str = "OfflineCarRun-v0"
@@ -95,8 +96,8 @@ class Args:
     hidden_sizes: Tuple[int, ...] = (256, 256)
     """hidden layers of actor and critics"""
     alpha: Optional[float] = None
-    """SAC entropy coefficient α of the universal actor, both phases (default per env: BallCircle 1e-3, BallRun 1e-3,
-    CarCircle 1e-3, CarRun 5e-3, DroneCircle 5e-3, DroneRun 1e-3, AntCircle 5e-5, AntRun 1e-4)"""
+    ("SAC entropy coefficient α of the universal actor, both phases (default per env: BallCircle 1e-3, BallRun 1e-3, "
+     "CarCircle 1e-3, CarRun 5e-3, DroneCircle 5e-3, DroneRun 1e-3, AntCircle 5e-5, AntRun 1e-4)")
 
     # --- the family: β, the balance model and λ
     beta_min: float = 1.0
@@ -144,14 +145,14 @@ class Args:
     online_eval_every: int = 100
     """evaluate every this many online episodes"""
     actor_lr: Optional[float] = None
-    """online actor learning rate (default per env: BallCircle 5e-5, BallRun 1e-5, CarCircle 5e-4, CarRun 5e-5,
-    DroneCircle 5e-6, DroneRun 2e-6, AntCircle 5e-5, AntRun 5e-5)"""
+    ("online actor learning rate (default per env: BallCircle 5e-5, BallRun 1e-5, CarCircle 5e-4, CarRun 5e-5, "
+     "DroneCircle 5e-6, DroneRun 2e-6, AntCircle 5e-5, AntRun 5e-5)")
     critic_lr: Optional[float] = None
-    """online reward critic learning rate (default per env: BallCircle 5e-3, BallRun 5e-3, CarCircle 5e-3, CarRun 5e-3,
-    DroneCircle 8e-4, DroneRun 8e-3, AntCircle 5e-4, AntRun 2e-3)"""
+    ("online reward critic learning rate (default per env: BallCircle 5e-3, BallRun 5e-3, CarCircle 5e-3, CarRun 5e-3, "
+     "DroneCircle 8e-4, DroneRun 8e-3, AntCircle 5e-4, AntRun 2e-3)")
     cost_critic_lr: Optional[float] = None
-    """online cost critic learning rate (default per env: BallCircle 5e-3, BallRun 5e-3, CarCircle 8e-3, CarRun 8e-3,
-    DroneCircle 2e-3, DroneRun 5e-3, AntCircle 8e-4, AntRun 5e-3)"""
+    ("online cost critic learning rate (default per env: BallCircle 5e-3, BallRun 5e-3, CarCircle 8e-3, CarRun 8e-3, "
+     "DroneCircle 2e-3, DroneRun 5e-3, AntCircle 8e-4, AntRun 5e-3)")
 
 
 # Per-env defaults of the official Marvel configuration: (actor lr, critic lr, cost critic lr, α, online episodes).

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
+    # help that spans lines is one implicitly joined string: tyro keeps the line breaks of a multi-line docstring
     exp_name: str = "sac_lag_apid"
     """name of this experiment (part of the run name)"""
     env_id: str = "OfflineCarRun-v0"
@@ -98,48 +99,48 @@ class Args:
     dual_lr: float = 0.01
     """step size of `dual`: λ ← max(0, λ + lr·(J − d))"""
     paper: bool = False
-    """the paper's online phase: sets every safe-finetuning flag below to its paper value (PAPER_ONLINE: no gate,
-    SAC-Lag actor, online data only, λ from the episodes' costs, unbounded aPID adaptation, 20 updates of 64)"""
+    ("the paper's online phase: sets every safe-finetuning flag below to its paper value (PAPER_ONLINE: no gate, "
+     "SAC-Lag actor, online data only, λ from the episodes' costs, unbounded aPID adaptation, 20 updates of 64)")
     bounded_gain_adaptation: bool = True
-    """aPID: divide the gain adaptation by max(c̃, d) instead of c̃, so one update changes a gain by at most a factor
-    1 ± a (the paper's c̃ sends the gains to K⁰/10 after a single iteration far under the limit)"""
+    ("aPID: divide the gain adaptation by max(c̃, d) instead of c̃, so one update changes a gain by at most a factor "
+     "1 ± a (the paper's c̃ sends the gains to K⁰/10 after a single iteration far under the limit)")
     cost_signal: Literal["episodes", "critic", "tests"] = "tests"
-    """what the λ controller sees once per iteration: the mean cost of its episodes (the paper), or the cost critic's
-    estimate of the learner's episode cost, mean Qc(s, π(s))·(1−γ)T/(1−γ^T) over a minibatch, or (`tests`, with
-    --deploy gated) the cost of the learner's latest test episode, held until the next test"""
+    ("what the λ controller sees once per iteration: the mean cost of its episodes (the paper), or the cost critic's "
+     "estimate of the learner's episode cost, mean Qc(s, π(s))·(1−γ)T/(1−γ^T) over a minibatch, or (`tests`, with "
+     "--deploy gated) the cost of the learner's latest test episode, held until the next test")
     bc_weight: float = 0.4
-    """w > 0: actor loss α log π − (min Q − λQc)/ν + w‖ã − a‖² with ν = mean|min Q − λQc| and a the minibatch's
-    actions (TD3+BC-style, anchored to the replay's actions); 0: the paper's SAC-Lag actor"""
+    ("w > 0: actor loss α log π − (min Q − λQc)/ν + w‖ã − a‖² with ν = mean|min Q − λQc| and a the minibatch's "
+     "actions (TD3+BC-style, anchored to the replay's actions); 0: the paper's SAC-Lag actor")
     deploy: Literal["learner", "gated"] = "gated"
-    """who collects the online episodes: the learner (the paper), or `gated`: the last policy that passed a test
-    episode (cost at most (1 − margin)·d, return at least that of the deployed policy's safe episodes)"""
+    ("who collects the online episodes: the learner (the paper), or `gated`: the last policy that passed a test "
+     "episode (cost at most (1 − margin)·d, return at least that of the deployed policy's safe episodes)")
     cost_margin: float = 0.5
-    """the λ controller steers the learner's episode cost to (1 − margin)·d rather than to the limit d itself, and the
-    gate deploys the learner only after a test at or under that cost (a policy whose mean cost sits at the limit
-    breaks it in about half of its episodes); 0: the paper"""
+    ("the λ controller steers the learner's episode cost to (1 − margin)·d rather than to the limit d itself, and the "
+     "gate deploys the learner only after a test at or under that cost (a policy whose mean cost sits at the limit "
+     "breaks it in about half of its episodes); 0: the paper")
     gate_passes: int = 1
     """gated: consecutive passed tests (one per iteration) before the learner is deployed"""
     gate_max_wait: int = 16
     """gated: after each failed test the wait before the next one doubles (1, 2, 4, … iterations) up to this"""
     actor_lr: Optional[float] = None
-    """actor learning rate (default per env: BallCircle 5e-5, BallRun 1e-5, CarCircle 5e-4, CarRun 5e-5,
-    DroneCircle 5e-6, DroneRun 2e-6, AntCircle 5e-5, AntRun 5e-5)"""
+    ("actor learning rate (default per env: BallCircle 5e-5, BallRun 1e-5, CarCircle 5e-4, CarRun 5e-5, "
+     "DroneCircle 5e-6, DroneRun 2e-6, AntCircle 5e-5, AntRun 5e-5)")
     critic_lr: Optional[float] = None
-    """reward critic learning rate (default per env: BallCircle 5e-3, BallRun 5e-3, CarCircle 5e-3, CarRun 5e-3,
-    DroneCircle 8e-4, DroneRun 8e-3, AntCircle 5e-4, AntRun 2e-3)"""
+    ("reward critic learning rate (default per env: BallCircle 5e-3, BallRun 5e-3, CarCircle 5e-3, CarRun 5e-3, "
+     "DroneCircle 8e-4, DroneRun 8e-3, AntCircle 5e-4, AntRun 2e-3)")
     cost_critic_lr: Optional[float] = None
-    """cost critic learning rate (default per env: BallCircle 5e-3, BallRun 5e-3, CarCircle 8e-3, CarRun 8e-3,
-    DroneCircle 2e-3, DroneRun 5e-3, AntCircle 8e-4, AntRun 5e-3)"""
+    ("cost critic learning rate (default per env: BallCircle 5e-3, BallRun 5e-3, CarCircle 8e-3, CarRun 8e-3, "
+     "DroneCircle 2e-3, DroneRun 5e-3, AntCircle 8e-4, AntRun 5e-3)")
     alpha: Optional[float] = None
-    """entropy coefficient α (default per env: BallCircle 1e-3, BallRun 1e-3, CarCircle 1e-3, CarRun 5e-3,
-    DroneCircle 5e-3, DroneRun 1e-3, AntCircle 5e-5, AntRun 1e-4; the initial value with --autotune)"""
+    ("entropy coefficient α (default per env: BallCircle 1e-3, BallRun 1e-3, CarCircle 1e-3, CarRun 5e-3, "
+     "DroneCircle 5e-3, DroneRun 1e-3, AntCircle 5e-5, AntRun 1e-4; the initial value with --autotune)")
     autotune: bool = False
     """learn α towards the target entropy −|A|"""
     alpha_lr: float = 3e-4
     """learning rate of log α with --autotune"""
     cost_value_floor: bool = False
-    """clamp the bootstrapped cost value at 0 in the cost target, y_c = c + γ(1−term)·max(0, Qc'(s', a')):
-    costs are ≥ 0, so is their discounted sum (off: the paper's target; see README "Results")"""
+    ("clamp the bootstrapped cost value at 0 in the cost target, y_c = c + γ(1−term)·max(0, Qc'(s', a')): "
+     "costs are ≥ 0, so is their discounted sum (off: the paper's target; see README \"Results\")")
     offline_ratio: float = 0.5
     """fraction of each minibatch drawn from the offline dataset (0: online buffer only, as in the paper)"""
     gamma: float = 0.99

@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
+    # help that spans lines is one implicitly joined string: tyro keeps the line breaks of a multi-line docstring
     init: str
     """offline checkpoint (cpq.py, bear_lag.py) whose actor μ is frozen and whose critics are aligned"""
     exp_name: str = "vpa"
@@ -83,10 +84,10 @@ class Args:
     eval_episodes: int = 10
     """deterministic evaluation episodes of μ (the result is stored in the output checkpoint)"""
     alpha_vpa: Optional[float] = None
-    """α_vpa, weight of the entropy term in the reward target (default: 2 × the env's online SAC α, CarRun 0.01).
-    Chosen by a sweep on a real CarRun CPQ checkpoint (benchmark/results/vpa_alpha_sweep_cpq15k): over α ∈ {0.001,
-    0.01, 0.05, 0.1} (α_c = α/2) 0.01 gave ρ(Q) 0.86 (best 0.90) and hurt ρ(Qc) least. A near-deterministic μ has
-    log μ > 0, so −α·log μ is then a penalty, not a bonus: large α drags Q and Qc below zero."""
+    ("α_vpa, weight of the entropy term in the reward target (default: 2 × the env's online SAC α, CarRun 0.01). "
+     "Chosen by a sweep on a real CarRun CPQ checkpoint (benchmark/results/vpa_alpha_sweep_cpq15k): over α ∈ {0.001, "
+     "0.01, 0.05, 0.1} (α_c = α/2) 0.01 gave ρ(Q) 0.86 (best 0.90) and hurt ρ(Qc) least. A near-deterministic μ has "
+     "log μ > 0, so −α·log μ is then a penalty, not a bonus: large α drags Q and Qc below zero.")
     alpha_c_vpa: Optional[float] = None
     """α_c_vpa, weight of the entropy term in the cost target (default: α_vpa / 2); must be < α_vpa (the paper)"""
     critic_lr: Optional[float] = None

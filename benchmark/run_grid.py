@@ -65,6 +65,7 @@ VARIANTS = {
 
 @dataclass
 class Args:
+    # help that spans lines is one implicitly joined string: tyro keeps the line breaks of a multi-line docstring
     offline_checkpoint: str
     """offline checkpoint (cpq.py / bear_lag.py), or a pattern with {seed}"""
     out: str
@@ -76,8 +77,8 @@ class Args:
     env_id: str = "OfflineCarRun-v0"
     """DSRL environment id"""
     work_dir: str = "runs/grid"
-    """where checkpoints and TensorBoard logs of the runs go (one per task and offline checkpoint: the VPA
-    checkpoints in it are reused)"""
+    ("where checkpoints and TensorBoard logs of the runs go (one per task and offline checkpoint: the VPA "
+     "checkpoints in it are reused)")
     jobs: int = 2
     """processes at a time (one per core)"""
     extra: str = ""
