@@ -631,3 +631,7 @@ if __name__ == "__main__":
         main(tyro.cli(Args))
     except InputError as e:
         sys.exit(f"bear_lag.py: error: {e}")
+    except KeyboardInterrupt:
+        print("bear_lag.py: interrupted; the best evaluation so far, if any, is the --save-path checkpoint "
+              "(bear_lag.py does not resume)", file=sys.stderr)
+        sys.exit(130)

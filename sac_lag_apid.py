@@ -763,7 +763,7 @@ def main(args: Args) -> dict:
         return sample
 
     env_steps = episodes_done = violations = evaluated_at = 0
-    cumulative_cost, start = 0.0, time.time()
+    cumulative_cost, interrupted, start = 0.0, False, time.time()
     first_eval = last_eval = log_eval(0, 0)
     lam = lagrangian.lam  # aPID/PID start at 0 (the offline λ is on another scale); dual/fixed at --lagrangian-init
     num_iters = math.ceil(online_episodes / args.episodes_per_iter)
@@ -814,9 +814,9 @@ def main(args: Args) -> dict:
             if episodes_done // args.eval_every > (episodes_done - n) // args.eval_every:
                 last_eval = log_eval(episodes_done, env_steps)
             progress.set_postfix(ret=f"{returns.mean():.0f}", cost=f"{costs.mean():.1f}", lam=f"{lam:.3f}")
-    except KeyboardInterrupt:  # keep the work done so far
+    except KeyboardInterrupt:  # keep the work done so far (evaluated and saved below); the online phase cannot resume
         save_path = save_path.removesuffix(".pt") + "_interrupted.pt"
-        print(f"\ninterrupted after {episodes_done} episodes")
+        interrupted = True
     if evaluated_at != episodes_done:  # the final evaluation is of the final actor, also after an interrupt
         last_eval = log_eval(episodes_done, env_steps)
     csv.close()
@@ -827,7 +827,8 @@ def main(args: Args) -> dict:
                 "gate": gate.state_dict()}
     save_checkpoint(save_path, {**ckpt, "eval": last_eval})
     summary = {"start": first_eval, "final": last_eval, "online_violations": violations,
-               "cumulative_cost": cumulative_cost, "episodes": episodes_done, "lambda": lam}
+               "cumulative_cost": cumulative_cost, "episodes": episodes_done, "lambda": lam,
+               "interrupted": interrupted}
     print(f"\n{'':8}{'return':>10}{'cost':>8}{'norm ret':>10}{'norm cost':>10}")
     for name in ("start", "final"):
         r = summary[name]
@@ -837,11 +838,15 @@ def main(args: Args) -> dict:
     if gate:
         print(f"gate: {gate.tests} tests, {gate.deployments} deployments, {gate.rollbacks} rollbacks")
     print(f"checkpoint: {save_path}   progress: {csv_path}")
+    if interrupted:
+        print(f"sac_lag_apid.py: interrupted after {episodes_done} of {online_episodes} episodes: the policy so far is "
+              f"in {save_path} (the online phase does not resume)", file=sys.stderr)
     return summary
 
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        if main(tyro.cli(Args))["interrupted"]:
+            sys.exit(130)  # the partial run is saved, but it did not finish
     except InputError as e:
         sys.exit(f"sac_lag_apid.py: error: {e}")

@@ -613,3 +613,7 @@ if __name__ == "__main__":
         main(tyro.cli(Args))
     except InputError as e:
         sys.exit(f"vpa.py: error: {e}")
+    except KeyboardInterrupt:
+        print("vpa.py: interrupted; VPA writes its checkpoint only when it finishes, so nothing was saved "
+              "(run it again)", file=sys.stderr)
+        sys.exit(130)
