@@ -15,8 +15,11 @@ The three stages, each a verbatim copy of its standalone file's definitions (tes
      per iteration. By default behind a deployment gate (the learner is deployed only after a safe, at-least-as-good
      test episode), with a BC anchor to the replay's actions and half offline data per minibatch; `--paper` is the
      published phase (see sac_lag_apid.py and docs/algorithms.md).
-Each stage writes its checkpoint into --save-dir as soon as it ends (cpq.pt, vpa.pt, sac_lag.pt), so an interrupted
-run keeps what finished; `--offline-checkpoint PATH` starts from an existing offline checkpoint instead of stage 1.
+Each stage writes its checkpoint into --save-dir as soon as it ends (cpq.pt, vpa.pt, sac_lag.pt), and stage 1 also
+keeps its whole state in cpq_resume.pt (cpq.py's *_resume.pt): Ctrl-C exits with status 130 and one line saying what
+is saved, and `--resume SAVE_DIR` continues an interrupted stage 1 bit for bit (CPU) or restarts an interrupted stage 2
+or 3 from the last finished stage's checkpoint. `--offline-checkpoint PATH` starts from an existing offline
+checkpoint instead of stage 1.
 The Spearman diagnostic of VPA is not run here (it needs Monte-Carlo rollouts): run vpa.py for it.
 """
 import copy
@@ -25,6 +28,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -48,6 +52,7 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
+    # help that spans lines is one implicitly joined string: tyro keeps the line breaks of a multi-line docstring
     exp_name: str = "marvel"
     """name of this experiment (part of the run name)"""
     env_id: str = "OfflineCarRun-v0"
@@ -68,6 +73,8 @@ class Args:
     """DSRL-format HDF5 file; default: DSRL cache, then datasets/<env-id>.hdf5, then download"""
     save_dir: Optional[str] = None
     """directory for the per-stage checkpoints, the online progress CSV and summary.json (default runs/<run-name>)"""
+    resume: Optional[str] = None
+    """the --save-dir of an interrupted run to continue (stage 1 where it stopped, a later stage from its start)"""
     cost_limit: float = 20.0
     """episode cost limit d of the online stage (and of CPQ unless --offline-cost-limit is given)"""
     eval_episodes: int = 10
@@ -93,8 +100,8 @@ class Args:
     offline_steps: int = 100_000
     """CPQ gradient steps"""
     offline_cost_limit: Optional[float] = None
-    """the cost limit CPQ trains for (its q_thres) and selects its checkpoint by (default: --cost-limit; the official
-    Marvel pipeline pretrained at 40 and finetuned at 20)"""
+    ("the cost limit CPQ trains for (its q_thres) and selects its checkpoint by (default: --cost-limit; the official "
+     "Marvel pipeline pretrained at 40 and finetuned at 20)")
     offline_batch_size: int = 512
     """CPQ minibatch size"""
     offline_eval_every: int = 5_000
@@ -118,11 +125,11 @@ class Args:
     qc_thres_factor: float = 1.5
     """qc_thres = factor · q_thres"""
     ood_penalty: Literal["hinge", "linear"] = "hinge"
-    """CPQ's OOD cost penalty: hinge α_c·relu(qc_thres − Qc) (bounded) or linear −α_c·Qc (the paper's; diverges on
-    CarRun, see benchmark/results/cpq_divergence)"""
+    ("CPQ's OOD cost penalty: hinge α_c·relu(qc_thres − Qc) (bounded) or linear −α_c·Qc (the paper's; diverges on "
+     "CarRun, see benchmark/results/cpq_divergence)")
     actor_escape: bool = True
-    """a second CPQ actor step per update on the paper's loss plus mean(1[Qc(s, ã) > q_thres]·Qc(s, ã)), so a fully
-    gated actor still gets a gradient (with --no-actor-escape the actor also takes one step per update, not two)"""
+    ("a second CPQ actor step per update on the paper's loss plus mean(1[Qc(s, ã) > q_thres]·Qc(s, ã)), so a fully "
+     "gated actor still gets a gradient (with --no-actor-escape the actor also takes one step per update, not two)")
 
     # --- stage 2: VPA (vpa.py's defaults)
     vpa_steps: int = 20_000
@@ -164,25 +171,25 @@ class Args:
     dual_lr: float = 0.01
     """step size of `dual`: λ ← max(0, λ + lr·(J − d))"""
     paper: bool = False
-    """the paper's online phase: sets every safe-finetuning flag below to its paper value (PAPER_ONLINE: no gate,
-    SAC-Lag actor, online data only, λ from the episodes' costs, unbounded aPID adaptation, 20 updates of 64)"""
+    ("the paper's online phase: sets every safe-finetuning flag below to its paper value (PAPER_ONLINE: no gate, "
+     "SAC-Lag actor, online data only, λ from the episodes' costs, unbounded aPID adaptation, 20 updates of 64)")
     bounded_gain_adaptation: bool = True
-    """aPID: divide the gain adaptation by max(c̃, d) instead of c̃, so one update changes a gain by at most a factor
-    1 ± a (the paper's c̃ sends the gains to K⁰/10 after a single iteration far under the limit)"""
+    ("aPID: divide the gain adaptation by max(c̃, d) instead of c̃, so one update changes a gain by at most a factor "
+     "1 ± a (the paper's c̃ sends the gains to K⁰/10 after a single iteration far under the limit)")
     cost_signal: Literal["episodes", "critic", "tests"] = "tests"
-    """what the λ controller sees once per iteration: the mean cost of its episodes (the paper), or the cost critic's
-    estimate of the learner's episode cost, mean Qc(s, π(s))·(1−γ)T/(1−γ^T) over a minibatch, or (`tests`, with
-    --deploy gated) the cost of the learner's latest test episode, held until the next test"""
+    ("what the λ controller sees once per iteration: the mean cost of its episodes (the paper), or the cost critic's "
+     "estimate of the learner's episode cost, mean Qc(s, π(s))·(1−γ)T/(1−γ^T) over a minibatch, or (`tests`, with "
+     "--deploy gated) the cost of the learner's latest test episode, held until the next test")
     bc_weight: float = 0.4
-    """w > 0: actor loss α log π − (min Q − λQc)/ν + w‖ã − a‖² with ν = mean|min Q − λQc| and a the minibatch's
-    actions (TD3+BC-style, anchored to the replay's actions); 0: the paper's SAC-Lag actor"""
+    ("w > 0: actor loss α log π − (min Q − λQc)/ν + w‖ã − a‖² with ν = mean|min Q − λQc| and a the minibatch's "
+     "actions (TD3+BC-style, anchored to the replay's actions); 0: the paper's SAC-Lag actor")
     deploy: Literal["learner", "gated"] = "gated"
-    """who collects the online episodes: the learner (the paper), or `gated`: the last policy that passed a test
-    episode (cost at most (1 − margin)·d, return at least that of the deployed policy's safe episodes)"""
+    ("who collects the online episodes: the learner (the paper), or `gated`: the last policy that passed a test "
+     "episode (cost at most (1 − margin)·d, return at least that of the deployed policy's safe episodes)")
     cost_margin: float = 0.5
-    """the λ controller steers the learner's episode cost to (1 − margin)·d rather than to the limit d itself, and the
-    gate deploys the learner only after a test at or under that cost (a policy whose mean cost sits at the limit
-    breaks it in about half of its episodes); 0: the paper"""
+    ("the λ controller steers the learner's episode cost to (1 − margin)·d rather than to the limit d itself, and the "
+     "gate deploys the learner only after a test at or under that cost (a policy whose mean cost sits at the limit "
+     "breaks it in about half of its episodes); 0: the paper")
     gate_passes: int = 1
     """gated: consecutive passed tests (one per iteration) before the learner is deployed"""
     gate_max_wait: int = 16
@@ -190,24 +197,24 @@ class Args:
     offline_ratio: float = 0.5
     """fraction of each online minibatch drawn from the offline dataset (0: online buffer only, as in the paper)"""
     actor_lr: Optional[float] = None
-    """online actor learning rate (default per env: BallCircle 5e-5, BallRun 1e-5, CarCircle 5e-4, CarRun 5e-5,
-    DroneCircle 5e-6, DroneRun 2e-6, AntCircle 5e-5, AntRun 5e-5)"""
+    ("online actor learning rate (default per env: BallCircle 5e-5, BallRun 1e-5, CarCircle 5e-4, CarRun 5e-5, "
+     "DroneCircle 5e-6, DroneRun 2e-6, AntCircle 5e-5, AntRun 5e-5)")
     critic_lr: Optional[float] = None
-    """online (and VPA) reward critic learning rate (default per env: BallCircle 5e-3, BallRun 5e-3, CarCircle 5e-3,
-    CarRun 5e-3, DroneCircle 8e-4, DroneRun 8e-3, AntCircle 5e-4, AntRun 2e-3)"""
+    ("online (and VPA) reward critic learning rate (default per env: BallCircle 5e-3, BallRun 5e-3, CarCircle 5e-3, "
+     "CarRun 5e-3, DroneCircle 8e-4, DroneRun 8e-3, AntCircle 5e-4, AntRun 2e-3)")
     cost_critic_lr: Optional[float] = None
-    """online (and VPA) cost critic learning rate (default per env: BallCircle 5e-3, BallRun 5e-3, CarCircle 8e-3,
-    CarRun 8e-3, DroneCircle 2e-3, DroneRun 5e-3, AntCircle 8e-4, AntRun 5e-3)"""
+    ("online (and VPA) cost critic learning rate (default per env: BallCircle 5e-3, BallRun 5e-3, CarCircle 8e-3, "
+     "CarRun 8e-3, DroneCircle 2e-3, DroneRun 5e-3, AntCircle 8e-4, AntRun 5e-3)")
     alpha: Optional[float] = None
-    """online entropy coefficient α (default per env: BallCircle 1e-3, BallRun 1e-3, CarCircle 1e-3, CarRun 5e-3,
-    DroneCircle 5e-3, DroneRun 1e-3, AntCircle 5e-5, AntRun 1e-4; the initial value with --autotune)"""
+    ("online entropy coefficient α (default per env: BallCircle 1e-3, BallRun 1e-3, CarCircle 1e-3, CarRun 5e-3, "
+     "DroneCircle 5e-3, DroneRun 1e-3, AntCircle 5e-5, AntRun 1e-4; the initial value with --autotune)")
     autotune: bool = False
     """learn α towards the target entropy −|A|"""
     alpha_lr: float = 3e-4
     """learning rate of log α with --autotune"""
     cost_value_floor: bool = False
-    """clamp the bootstrapped cost value at 0 in the cost target, y_c = c + γ(1−term)·max(0, Qc'(s', a')):
-    costs are ≥ 0, so is their discounted sum (off: the paper's target; see README "Results")"""
+    ("clamp the bootstrapped cost value at 0 in the cost target, y_c = c + γ(1−term)·max(0, Qc'(s', a')): "
+     "costs are ≥ 0, so is their discounted sum (off: the paper's target; see README \"Results\")")
 
 
 # Per-env defaults of the official Marvel configuration: (actor lr, critic lr, cost critic lr, α, online episodes).
@@ -982,45 +989,88 @@ def log_scalars(writer: SummaryWriter, prefix: str, info: dict, step: int) -> No
         writer.add_scalar(prefix + tag, value, step)
 
 
-def pretrain(args: Args, data: dict, env: gym.Env, writer: SummaryWriter, progress: tqdm, save_path: str,
-             device: torch.device) -> dict:
-    """Stage 1, CPQ (cpq.py). Returns the best evaluated checkpoint, also saved to `save_path`."""
-    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
-    # CPQ reads its learning rates and cost limit under the names its own Args uses
+def cpq_flags(args: Args) -> Args:
+    """The run's flags under the names CPQ reads (its own Args'): the offline learning rates and cost limit."""
     cost_limit = args.offline_cost_limit if args.offline_cost_limit is not None else args.cost_limit
-    cpq_args = replace(args, actor_lr=args.offline_actor_lr, critic_lr=args.offline_critic_lr,
-                       alpha_lr=args.alpha_c_lr, cost_limit=cost_limit)
-    agent = CPQ(obs_dim, act_dim, cpq_args, episode_q_threshold(cost_limit, args.gamma,
+    return replace(args, actor_lr=args.offline_actor_lr, critic_lr=args.offline_critic_lr,
+                   alpha_lr=args.alpha_c_lr, cost_limit=cost_limit)
+
+
+def pretrain(args: Args, data: dict, env: gym.Env, writer: SummaryWriter, progress: tqdm, save_path: str,
+             device: torch.device, stop: list, resume: Optional[dict] = None) -> dict:
+    """Stage 1, CPQ (cpq.py). Returns the best evaluated checkpoint, saved to `save_path`. Its whole state is kept in
+    *_resume.pt (as cpq.py's) at every evaluation and when `stop` (Ctrl-C) ends it; `resume` continues from one."""
+    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
+    cpq_args = cpq_flags(args)
+    agent = CPQ(obs_dim, act_dim, cpq_args, episode_q_threshold(cpq_args.cost_limit, args.gamma,
                                                                 env.spec.max_episode_steps)).to(device)
     update = torch.compile(agent.update) if args.compile else agent.update
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    num_transitions, best = len(data["rewards"]), None
+    resume_path = save_path.removesuffix(".pt") + "_resume.pt"
+    num_transitions, best, first_step = len(data["rewards"]), None, 1  # best: the evaluation save_path holds
+    if resume is not None:  # the state save_resume wrote, in place of the fresh one
+        state = resume["resume"]
+        for name, module in agent.named_children():
+            module.load_state_dict(resume[name])
+        agent.log_alpha_c.data.copy_(resume["log_alpha_c"])
+        for name, optimizer_state in state["optimizers"].items():
+            getattr(agent, name).load_state_dict(optimizer_state)
+        if state["eval_action"] is not None:  # put the eval env's motors where the last evaluation left them
+            env.reset()
+            env.step(state["eval_action"].numpy())
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])  # Bullet's reset noise
+        torch.set_rng_state(state["rng"]["torch"])
+        generator.set_state(state["rng"]["sampler"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        best, first_step = state["best"], resume["step"] + 1
+
+    def save_resume(step: int) -> None:
+        """Everything that carries over from `step` to the next: --resume continues bit for bit from here."""
+        numpy_state = np.random.get_state()
+        rng = {"python": random.getstate(), "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
+               "torch": torch.get_rng_state(), "sampler": generator.get_state(),
+               "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+        save_checkpoint(resume_path, {**agent.checkpoint(cpq_args, args.env_id, obs_dim, act_dim, step), "resume": {
+            "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(args).items()},
+            "device": device.type, "best": best,
+            "optimizers": {k: v.state_dict() for k, v in vars(agent).items() if isinstance(v, torch.optim.Optimizer)},
+            "eval_action": None if env.action is None else torch.as_tensor(env.action), "rng": rng}})
+
     progress.reset(total=args.offline_steps)
+    progress.update(first_step - 1)
     progress.set_description("1/3 cpq")
-    for step in range(1, args.offline_steps + 1):
+    for step in range(first_step, args.offline_steps + 1):
         idx = torch.randint(num_transitions, (args.offline_batch_size,), device=device, generator=generator)
         info = update(data["observations"][idx], data["actions"][idx], data["rewards"][idx], data["costs"][idx],
                       data["next_observations"][idx], data["terminals"][idx])
         if step % 100 == 0:  # one host sync per 100 steps
             log_scalars(writer, "offline/", info, step)
         if step % args.offline_eval_every == 0 or step == args.offline_steps:
-            result = evaluate(agent.actor, env, args.eval_episodes, cost_limit, device)
+            result = evaluate(agent.actor, env, args.eval_episodes, cpq_args.cost_limit, device)
             for k, v in result.items():
                 writer.add_scalar(f"offline/eval/{k}", v, step)
             progress.set_postfix(ret=f"{result['return']:.1f}", cost=f"{result['cost']:.1f}")
-            if is_better(result, best and best["eval"]):
-                # deep copy: the state dicts hold the live parameters, which keep training
-                best = copy.deepcopy({**agent.checkpoint(cpq_args, args.env_id, obs_dim, act_dim, step),
-                                      "eval": {**result, "step": step}})
-                save_checkpoint(save_path, best)
+            if is_better(result, best):
+                best = {**result, "step": step}
+                save_checkpoint(save_path, {**agent.checkpoint(cpq_args, args.env_id, obs_dim, act_dim, step),
+                                            "eval": best})
+            save_resume(step)  # a killed run loses at most --offline-eval-every steps
         progress.update()
-    return best
+        if stop:
+            save_resume(step)
+            raise KeyboardInterrupt(f"interrupted in stage 1 (CPQ) at step {step}: resumable state {resume_path}; "
+                                    f"continue with --resume {os.path.dirname(save_path)}")
+    os.remove(resume_path)  # stage 1 is complete: nothing left to resume
+    # the best evaluation's networks, read back: a resumed stage 1 only knows that evaluation
+    return torch.load(save_path, map_location="cpu", weights_only=True)
 
 
 def align(args: Args, data: dict, offline: dict, env: gym.Env, writer: SummaryWriter, progress: tqdm,
-          save_path: str, device: torch.device) -> dict:
+          save_path: str, device: torch.device, stop: list) -> dict:
     """Stage 2, VPA (vpa.py): re-fit both critics of `offline` to its frozen actor. Returns the aligned checkpoint,
-    also saved to `save_path`."""
+    also saved to `save_path`; `stop` (Ctrl-C) ends it unsaved."""
     obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
     agent = VPA(obs_dim, act_dim, args.hidden_sizes, args).to(device)
     agent.load(offline, "offline checkpoint")
@@ -1035,6 +1085,13 @@ def align(args: Args, data: dict, offline: dict, env: gym.Env, writer: SummaryWr
         if step % 100 == 0:
             log_scalars(writer, "vpa/", info, step)
         progress.update()
+        if stop:  # VPA is saved only when it ends: it starts over from the offline checkpoint
+            save_dir = os.path.dirname(save_path)
+            restart = (f"run the same command again to restart it from {args.offline_checkpoint}"
+                       if args.offline_checkpoint else
+                       f"continue with --resume {save_dir}, which restarts it from {os.path.join(save_dir, 'cpq.pt')}")
+            raise KeyboardInterrupt(f"interrupted in stage 2 (VPA) at step {step} (VPA is saved only when it ends); "
+                                    f"{restart}")
     result = evaluate(agent.actor, env, args.eval_episodes, args.cost_limit, device)  # μ is unchanged
     for k, v in result.items():
         writer.add_scalar(f"vpa/eval/{k}", v, args.vpa_steps)
@@ -1051,9 +1108,9 @@ def align(args: Args, data: dict, offline: dict, env: gym.Env, writer: SummaryWr
 
 
 def finetune(args: Args, init: Optional[dict], data: Optional[dict], writer: SummaryWriter, progress: tqdm,
-             save_path: str, device: torch.device) -> dict:
+             save_path: str, device: torch.device, stop: list) -> dict:
     """Stage 3, SAC-Lag with the λ controller (sac_lag_apid.py), from `init` (None: from scratch); `data` is the
-    offline dataset that --offline-ratio mixes into the minibatches."""
+    offline dataset that --offline-ratio mixes into the minibatches; `stop` (Ctrl-C) ends it after an iteration."""
     # reseed and make the envs afresh, in sac_lag_apid.py's order: the online episodes (Bullet's reset noise is
     # np.random) then do not depend on which stages ran before, so methods that share a checkpoint and a seed see
     # the same noise, and the stage reproduces sac_lag_apid.py exactly
@@ -1115,54 +1172,53 @@ def finetune(args: Args, init: Optional[dict], data: Optional[dict], writer: Sum
     lam = lagrangian.lam
     progress.reset(total=args.online_episodes)
     progress.set_description("3/3 online")
-    try:
-        while episodes_done < args.online_episodes:
-            n = min(args.episodes_per_iter, args.online_episodes - episodes_done)
-            testing = gate is not None and gate.test_due()
-            runners = [(envs[:1], agent.actor), (envs[1:n], deployed)] if testing else [(envs[:n], deployed)]
-            parts = [collect_episodes(env_group, actor, device) for env_group, actor in runners if env_group]
-            batch = {k: np.concatenate([part[0][k] for part in parts]) for k in REPLAY_KEYS}
-            returns, costs = np.concatenate([part[1] for part in parts]), np.concatenate([part[2] for part in parts])
-            if gate:  # the learner's test episode, when there is one, is the first
-                test = (returns[0], costs[0]) if testing else ()
-                gate.update(agent.actor, returns[len(test) > 0:], costs[len(test) > 0:], *test)
-            replay.add({**batch, "rewards": batch["rewards"] * args.reward_scale})
-            env_steps += len(batch["rewards"])
-            episodes_done += n
-            violations += int((costs > args.cost_limit).sum())
-            cumulative_cost += float(costs.sum())
-            # one controller update per iteration: on the episodes' mean cost, on the critic's estimate of the
-            # learner's, or on the learner's latest test episode (the deployed policy's costs say nothing about the
-            # learner's), held until the next test: after a failed test λ keeps rising while the next test waits.
-            # The first iteration always has a test.
-            if args.cost_signal == "episodes":
-                lam = lagrangian.update(float(costs.mean()))
-            elif args.cost_signal == "critic":
-                lam = lagrangian.update(float(agent.cost_estimate(minibatch()[0])) * to_episode_cost)
-            else:
-                held_test_cost = float(costs[0]) if testing else held_test_cost
-                lam = lagrangian.update(held_test_cost)
-            # λ as a 0-dim tensor: under --compile a Python float is baked into the graph (a recompile per value)
-            lam_tensor = torch.tensor(lam, device=device)
-            for _ in range(args.updates_per_iter):
-                info = update(*minibatch(), lam=lam_tensor)
-            log_scalars(writer, "", info, env_steps)  # one sync per iteration
-            gains = [getattr(lagrangian, k, float("nan")) for k in ("kp", "ki", "kd")]
-            scalars = {"charts/episodic_return": returns.mean(), "charts/episodic_cost": costs.mean(),
-                       "lagrange/lambda": lam, "lagrange/kp": gains[0], "lagrange/ki": gains[1],
-                       "lagrange/kd": gains[2], "charts/online_violations": violations,
-                       "charts/cumulative_cost": cumulative_cost, "charts/SPS": env_steps / (time.time() - start)}
-            for tag, value in scalars.items():
-                writer.add_scalar(tag, value, env_steps)
-            csv.write(f"{episodes_done},{env_steps},{returns.mean():.4f},{costs.mean():.4f},{lam:.6f},"
-                      + ",".join(f"{g:.6g}" for g in gains) + f",{violations},{cumulative_cost:.1f},,,,,"
-                      + (f"{gate.deployments},," if gate else ",,") + "\n")
-            csv.flush()  # a stopped run keeps its progress
-            if episodes_done // args.eval_every > (episodes_done - n) // args.eval_every:
-                last_eval = log_eval(episodes_done, env_steps)
-            progress.update(n)
-            progress.set_postfix(ret=f"{returns.mean():.0f}", cost=f"{costs.mean():.1f}", lam=f"{lam:.3f}")
-    except KeyboardInterrupt:  # keep the work done so far
+    while episodes_done < args.online_episodes and not stop:  # Ctrl-C: at the end of an iteration
+        n = min(args.episodes_per_iter, args.online_episodes - episodes_done)
+        testing = gate is not None and gate.test_due()
+        runners = [(envs[:1], agent.actor), (envs[1:n], deployed)] if testing else [(envs[:n], deployed)]
+        parts = [collect_episodes(env_group, actor, device) for env_group, actor in runners if env_group]
+        batch = {k: np.concatenate([part[0][k] for part in parts]) for k in REPLAY_KEYS}
+        returns, costs = np.concatenate([part[1] for part in parts]), np.concatenate([part[2] for part in parts])
+        if gate:  # the learner's test episode, when there is one, is the first
+            test = (returns[0], costs[0]) if testing else ()
+            gate.update(agent.actor, returns[len(test) > 0:], costs[len(test) > 0:], *test)
+        replay.add({**batch, "rewards": batch["rewards"] * args.reward_scale})
+        env_steps += len(batch["rewards"])
+        episodes_done += n
+        violations += int((costs > args.cost_limit).sum())
+        cumulative_cost += float(costs.sum())
+        # one controller update per iteration: on the episodes' mean cost, on the critic's estimate of the
+        # learner's, or on the learner's latest test episode (the deployed policy's costs say nothing about the
+        # learner's), held until the next test: after a failed test λ keeps rising while the next test waits.
+        # The first iteration always has a test.
+        if args.cost_signal == "episodes":
+            lam = lagrangian.update(float(costs.mean()))
+        elif args.cost_signal == "critic":
+            lam = lagrangian.update(float(agent.cost_estimate(minibatch()[0])) * to_episode_cost)
+        else:
+            held_test_cost = float(costs[0]) if testing else held_test_cost
+            lam = lagrangian.update(held_test_cost)
+        # λ as a 0-dim tensor: under --compile a Python float is baked into the graph (a recompile per value)
+        lam_tensor = torch.tensor(lam, device=device)
+        for _ in range(args.updates_per_iter):
+            info = update(*minibatch(), lam=lam_tensor)
+        log_scalars(writer, "", info, env_steps)  # one sync per iteration
+        gains = [getattr(lagrangian, k, float("nan")) for k in ("kp", "ki", "kd")]
+        scalars = {"charts/episodic_return": returns.mean(), "charts/episodic_cost": costs.mean(),
+                   "lagrange/lambda": lam, "lagrange/kp": gains[0], "lagrange/ki": gains[1],
+                   "lagrange/kd": gains[2], "charts/online_violations": violations,
+                   "charts/cumulative_cost": cumulative_cost, "charts/SPS": env_steps / (time.time() - start)}
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, env_steps)
+        csv.write(f"{episodes_done},{env_steps},{returns.mean():.4f},{costs.mean():.4f},{lam:.6f},"
+                  + ",".join(f"{g:.6g}" for g in gains) + f",{violations},{cumulative_cost:.1f},,,,,"
+                  + (f"{gate.deployments},," if gate else ",,") + "\n")
+        csv.flush()  # a stopped run keeps its progress
+        if episodes_done // args.eval_every > (episodes_done - n) // args.eval_every:
+            last_eval = log_eval(episodes_done, env_steps)
+        progress.update(n)
+        progress.set_postfix(ret=f"{returns.mean():.0f}", cost=f"{costs.mean():.1f}", lam=f"{lam:.3f}")
+    if episodes_done < args.online_episodes:  # stopped by Ctrl-C: keep the work done so far
         save_path, interrupted = save_path.removesuffix(".pt") + "_interrupted.pt", True
     if evaluated_at != episodes_done:  # the final evaluation is of the final actor, also after an interrupt
         last_eval = log_eval(episodes_done, env_steps)
@@ -1215,33 +1271,100 @@ def resolve_defaults(args: Args) -> Args:
     return args
 
 
+def resume_point(args: Args, obs_dim: int, act_dim: int, device: torch.device) -> Tuple[Optional[dict], ...]:
+    """--resume: what the run's folder holds to go on from, refused in one line (InputError) unless it continues this
+    very run. Returns (cpq_resume.pt, cpq.pt, vpa.pt), None where unused: an interrupted stage 1 goes on from its
+    state, else the run goes on after the last finished stage (a file written after cpq.pt is this run's)."""
+    folder = args.resume
+    if args.save_dir is not None and os.path.abspath(args.save_dir) != os.path.abspath(folder):
+        raise InputError(f"--save-dir {args.save_dir}: --resume {folder} continues the run in that folder")
+    path = {name: os.path.join(folder, name) for name in ("cpq_resume.pt", "cpq.pt", "vpa.pt", "sac_lag.pt")}
+
+    def written_after_cpq(name: str) -> bool:
+        return os.path.exists(path[name]) and os.path.getmtime(path[name]) >= os.path.getmtime(path["cpq.pt"])
+
+    state = offline = aligned = None
+    if os.path.exists(path["cpq_resume.pt"]):  # stage 1 was interrupted
+        state = load_checkpoint(path["cpq_resume.pt"], args.env_id, obs_dim, act_dim, args.hidden_sizes)
+        if "resume" not in state:
+            raise InputError(f"{path['cpq_resume.pt']}: not a resumable checkpoint")
+        recorded, flags = state["resume"]["args"], asdict(args)
+    elif os.path.exists(path["cpq.pt"]):  # stage 1 finished
+        if written_after_cpq("sac_lag.pt"):
+            raise InputError(f"--resume {folder}: the run finished ({path['sac_lag.pt']}); nothing to resume")
+        offline = load_checkpoint(path["cpq.pt"], args.env_id, obs_dim, act_dim, args.hidden_sizes)
+        # cpq.pt records the flags under CPQ's names, its learning rates in place of the online ones: those are not
+        # known here (nothing saved depends on them yet)
+        recorded = offline["args"]
+        flags = {k: v for k, v in asdict(cpq_flags(args)).items() if k not in ("actor_lr", "critic_lr", "alpha_lr")}
+        if args.vpa and written_after_cpq("vpa.pt"):  # stage 2 finished too
+            aligned = load_checkpoint(path["vpa.pt"], args.env_id, obs_dim, act_dim, args.hidden_sizes)
+            recorded, flags = aligned["args"], asdict(args)
+    else:
+        raise InputError(f"--resume {folder}: nothing to resume (no cpq_resume.pt or cpq.pt: stage 1 never ran there)")
+
+    def plain(value):  # cpq.pt's args hold tuples as lists
+        return list(value) if isinstance(value, tuple) else value
+
+    changed = [f"--{k.replace('_', '-')} (was {recorded.get(k)})" for k, v in flags.items()
+               if k not in ("exp_name", "track", "wandb_project_name", "cuda", "save_dir", "resume")
+               and plain(recorded.get(k)) != plain(v)]
+    if state is not None and state["resume"]["device"] != device.type:  # RNG states do not carry over between devices
+        changed.append(f"--cuda/--no-cuda (ran on {state['resume']['device']})")
+    if changed:
+        raise InputError(f"--resume {folder}: these flags differ from the interrupted run's: {', '.join(changed)}")
+    return state, offline, aligned
+
+
 def main(args: Args) -> dict:
     args = resolve_defaults(args)
+    if args.resume is not None and not os.path.isdir(args.resume):  # before prepare_output_dir would create it
+        raise InputError(f"--resume {args.resume}: no such directory")
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    save_dir = args.save_dir or os.path.join("runs", run_name)
+    save_dir = args.resume or args.save_dir or os.path.join("runs", run_name)
     prepare_output_dir(os.path.join(save_dir, "cpq.pt"))
     random.seed(args.seed)
     np.random.seed(args.seed)  # also Bullet's reset noise
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    env = make_env(args.env_id, args.seed + 10_000)  # evaluation env, separate from the online ones
+
+    # Bullet's reset keeps the motor targets of the last action (CarRun's wheels and steering), so an evaluation
+    # starts from where the one before it stopped: the env remembers its last action for --resume to replay
+    class RememberAction(gym.Wrapper):
+        action = None
+
+        def step(self, action):
+            self.action = action
+            return self.env.step(action)
+
+    env = RememberAction(make_env(args.env_id, args.seed + 10_000))  # evaluation env, separate from the online ones
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
 
-    offline = data = None
+    # --resume: refused before any work unless it continues this very run
+    state, offline, aligned = resume_point(args, obs_dim, act_dim, device) if args.resume else (None, None, None)
+    data = None
     if args.offline_checkpoint:  # read first: a bad path fails before any work
         offline = load_checkpoint(args.offline_checkpoint, args.env_id, obs_dim, act_dim, args.hidden_sizes)
         if offline["reward_scale"] != args.reward_scale:
             raise InputError(f"{args.offline_checkpoint}: reward_scale {offline['reward_scale']} != "
                              f"--reward-scale {args.reward_scale}")
-    if (args.pretrain and (args.vpa or offline is None)) or args.offline_ratio > 0:
+    if (args.pretrain and aligned is None and (args.vpa or offline is None)) or args.offline_ratio > 0:
         path = find_dataset(args.env_id, env.unwrapped.dataset_url, args.dataset_path)
         data = {k: torch.as_tensor(v, device=device) for k, v in load_dataset(path, obs_dim, act_dim).items()}
         data["rewards"] = data["rewards"] * args.reward_scale
         print(f"{args.env_id}: {len(data['rewards'])} transitions from {path} on {device}")
-    stages = ([] if not args.pretrain else ["loaded" if offline else "cpq"] + (["vpa"] if args.vpa else [])) + ["online"]
-    print(f"stages: {' → '.join(stages)}; checkpoints in {save_dir}/")
+    stages = ([] if not args.pretrain else ["loaded" if args.offline_checkpoint else "cpq"]
+              + (["vpa"] if args.vpa else [])) + ["online"]
 
+    # From here on Ctrl-C stops the current stage at the end of its step (or evaluation), where its state is whole,
+    # and stage 1 saves it for --resume; the default KeyboardInterrupt would strike in the middle of an update
+    stop = []
+    default_sigint = signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum))
+    print(f"stages: {' → '.join(stages)}; checkpoints in {save_dir}/")
+    if args.resume:  # an interrupted stage 2 or 3 starts over
+        print("resuming " + (f"stage 1 after step {state['step']}" if state else "after stage 2 (vpa.pt)" if aligned
+                             else "after stage 1 (cpq.pt)"))
     if args.track:
         import wandb
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name)
@@ -1250,27 +1373,38 @@ def main(args: Args) -> dict:
     progress = tqdm(total=1, dynamic_ncols=True)  # one display, reset at each stage
     rows, wall = {}, {}
     start = time.time()
-    if args.pretrain:
-        if offline is None:
-            offline = pretrain(args, data, env, writer, progress, os.path.join(save_dir, "cpq.pt"), device)
-            wall["offline"] = time.time() - start
-        if "eval" not in offline:  # a loaded checkpoint without a stored evaluation
-            actor = Actor(obs_dim, act_dim, args.hidden_sizes).to(device)
-            actor.load_state_dict(offline["actor"])
-            offline["eval"] = evaluate(actor, env, args.eval_episodes, args.cost_limit, device)
-        # normalised at the online limit like the other rows (CPQ may have trained and selected at another one)
-        env.unwrapped.set_target_cost(args.cost_limit)
-        norm_ret, norm_cost = env.unwrapped.get_normalized_score(offline["eval"]["return"], offline["eval"]["cost"])
-        rows["offline"] = {**offline["eval"], "normalized_return": float(norm_ret), "normalized_cost": float(norm_cost)}
+    try:
+        if args.pretrain:
+            if offline is None:
+                offline = pretrain(args, data, env, writer, progress, os.path.join(save_dir, "cpq.pt"), device, stop,
+                                   state)
+                wall["offline"] = time.time() - start
+            if "eval" not in offline:  # a loaded checkpoint without a stored evaluation
+                actor = Actor(obs_dim, act_dim, args.hidden_sizes).to(device)
+                actor.load_state_dict(offline["actor"])
+                offline["eval"] = evaluate(actor, env, args.eval_episodes, args.cost_limit, device)
+            # normalised at the online limit like the other rows (CPQ may have trained and selected at another one)
+            env.unwrapped.set_target_cost(args.cost_limit)
+            norm_ret, norm_cost = env.unwrapped.get_normalized_score(offline["eval"]["return"],
+                                                                     offline["eval"]["cost"])
+            rows["offline"] = {**offline["eval"], "normalized_return": float(norm_ret),
+                               "normalized_cost": float(norm_cost)}
+            start = time.time()
+            if args.vpa:
+                if aligned is None:  # else --resume found stage 2 finished
+                    aligned = align(args, data, offline, env, writer, progress, os.path.join(save_dir, "vpa.pt"),
+                                    device, stop)
+                    wall["vpa"] = time.time() - start
+                offline, rows["after VPA"] = aligned, aligned["eval"]
         start = time.time()
-        if args.vpa:
-            offline = align(args, data, offline, env, writer, progress, os.path.join(save_dir, "vpa.pt"), device)
-            rows["after VPA"], wall["vpa"] = offline["eval"], time.time() - start
-    start = time.time()
-    online = finetune(args, offline, data, writer, progress, os.path.join(save_dir, "sac_lag.pt"), device)
-    rows["final"], wall["online"] = online["eval"], time.time() - start
-    progress.close()
-    writer.close()
+        online = finetune(args, offline, data, writer, progress, os.path.join(save_dir, "sac_lag.pt"), device, stop)
+        rows["final"], wall["online"] = online["eval"], time.time() - start
+    except KeyboardInterrupt:  # a stage ended on Ctrl-C and says what it saved; Ctrl-C acts as usual again
+        signal.signal(signal.SIGINT, default_sigint)
+        raise
+    finally:
+        progress.close()
+        writer.close()
 
     summary = {"stages": stages, "eval": rows, "online_violations": online["online_violations"],
                "cumulative_cost": online["cumulative_cost"], "online_episodes": online["episodes"],
@@ -1285,17 +1419,22 @@ def main(args: Args) -> dict:
     print(f"online: {online['episodes']} episodes, {online['online_violations']} over the limit, cumulative cost "
           f"{online['cumulative_cost']:.0f}, final λ {online['lambda']:.4f}")
     print("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in wall.items()) + f"; outputs in {save_dir}/")
-    if online["interrupted"]:
-        print(f"INTERRUPTED after {online['episodes']} online episodes: the 'final' row is that partial run's "
-              f"({online['checkpoint']})")
+    signal.signal(signal.SIGINT, default_sigint)
+    if online["interrupted"]:  # stage 3 starts over: from the last finished stage's checkpoint, or from scratch
+        restart = (f"continue with --resume {save_dir}, which restarts it from "
+                   f"{os.path.join(save_dir, 'vpa.pt' if args.vpa else 'cpq.pt')}"
+                   if args.pretrain and not args.offline_checkpoint else "run the same command again to start over")
+        raise KeyboardInterrupt(f"interrupted in stage 3 (online) after {online['episodes']} of "
+                                f"{args.online_episodes} episodes: partial checkpoint {online['checkpoint']} (the "
+                                f"'final' row above, and summary.json); {restart}")
     return summary
 
 
 if __name__ == "__main__":
     try:
-        if main(tyro.cli(Args))["interrupted"]:
-            sys.exit(130)  # partial results are saved, but the run did not finish
+        main(tyro.cli(Args))
     except InputError as e:
         sys.exit(f"marvel_full.py: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("marvel_full.py: interrupted; the checkpoints of the stages that finished are in the save dir")
+    except KeyboardInterrupt as e:  # Ctrl-C: main says what it saved; before the stages there is nothing to save
+        print(f"marvel_full.py: {e or 'interrupted before the first stage started: nothing saved'}", file=sys.stderr)
+        sys.exit(130)

@@ -28,3 +28,19 @@ def test_unwritable_output_is_refused_before_training(script, tmp_path):
                            *where, *ENTRY_POINTS[script]], capture_output=True, text=True, cwd=tmp_path, timeout=15)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "/proc/nope" in proc.stderr, proc.stderr
+
+
+HELP_FILES = [*ENTRY_POINTS, "benchmark/run_grid.py", "benchmark/evaluate.py", "benchmark/collect_dataset.py"]
+
+
+@pytest.mark.parametrize("path", HELP_FILES)
+def test_help_texts_are_single_paragraphs(path):
+    """tyro keeps the line breaks of a multi-line field docstring, so `--help` would break sentences mid-line: every
+    help text of an Args class is one line or one implicitly joined string."""
+    import ast
+    tree = ast.parse(open(os.path.join(ROOT, path)).read())
+    args = [node for node in ast.walk(tree) if isinstance(node, ast.ClassDef) and node.name == "Args"]
+    assert args, f"{path} has no Args class"
+    helps = [stmt.value.value for stmt in args[0].body
+             if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)]
+    assert helps and not [h for h in helps if "\n" in h]

@@ -1,6 +1,8 @@
-"""cpq.py survives Ctrl-C: it keeps a resumable checkpoint, and --resume ends the run exactly as if it had never
-stopped (the same tensors, the same evaluations, on CPU)."""
+"""cpq.py and stage 1 of marvel_full.py survive Ctrl-C: they keep a resumable checkpoint, and --resume ends the run
+exactly as if it had never stopped (the same tensors, the same evaluations, on CPU)."""
+import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import torch
 from conftest import ENV_ID, ROOT, synthetic_dataset, write_hdf5
 
 import cpq
+import marvel_full
 
 STEPS = 400  # evaluations at 100, 200, 300, 400; tiny networks run them in a few seconds
 
@@ -101,3 +104,112 @@ def test_resume_refuses_what_cannot_continue_the_run(dataset, uninterrupted, tmp
                            "--resume", str(tmp_path / "nope.pt")], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "nope.pt" in proc.stderr, proc.stderr
+
+
+# marvel_full.py: stage 1 (cpq.py's loop) keeps cpq_resume.pt the same way and --resume SAVE_DIR continues it bit for
+# bit; an interrupted stage 2 or 3 starts over from the last finished stage's checkpoint.
+
+
+def marvel_flags(dataset, save_dir):
+    return ["--no-cuda", "--hidden-sizes", "16", "16", "--vae-hidden", "16", "--eval-episodes", "1",
+            "--offline-steps", str(STEPS), "--offline-eval-every", "100", "--offline-batch-size", "32",
+            "--vpa-steps", "3", "--online-episodes", "2", "--episodes-per-iter", "2", "--updates-per-iter", "2",
+            "--eval-every", "2", "--dataset-path", dataset, "--save-dir", str(save_dir)]
+
+
+def differing(a, b):
+    """The keys (flattened) at which two checkpoint files differ, tensors compared exactly."""
+    ours, theirs = flat(torch.load(a, weights_only=True)), flat(torch.load(b, weights_only=True))
+    assert ours.keys() == theirs.keys()
+    return {k for k in ours if (not torch.equal(ours[k], theirs[k]) if torch.is_tensor(ours[k])
+                                else ours[k] != theirs[k])}
+
+
+def run_marvel(args, cwd):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "marvel_full.py"), *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def marvel_uninterrupted(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("marvel_uninterrupted")
+    run_marvel(marvel_flags(dataset, out), out)
+    assert not (out / "cpq_resume.pt").exists()  # a finished stage 1 leaves nothing to resume
+    return out
+
+
+def test_marvel_ctrl_c_in_stage_1_then_resume_equals_the_uninterrupted_run(dataset, marvel_uninterrupted, tmp_path):
+    out, stderr = tmp_path / "out", tmp_path / "stderr.txt"
+    resume = out / "cpq_resume.pt"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "marvel_full.py"), *marvel_flags(dataset, out)],
+                                stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path)
+        # the evaluation at step 100 writes the resumable state; Ctrl-C then stops CPQ a step or so later, between
+        # evaluations, so --resume must carry the optimizers and RNGs of an arbitrary step
+        deadline = time.time() + 120
+        while not resume.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    message = stderr.read_text()
+    assert proc.returncode == 130 and "Traceback" not in message, message[-2000:]
+    state = torch.load(resume, weights_only=True)
+    assert message.strip().splitlines()[-1] == (f"marvel_full.py: interrupted in stage 1 (CPQ) at step "
+                                                f"{state['step']}: resumable state {resume}; continue with --resume "
+                                                f"{out}")
+    assert 100 <= state["step"] < STEPS and not (out / "vpa.pt").exists()
+
+    run_marvel([*marvel_flags(dataset, out), "--resume", str(out)], tmp_path)
+    assert not resume.exists()
+    # stage 1 ends bit for bit as if never stopped (its RNGs and eval env included), so VPA after it and the online
+    # stage do too
+    for name in ("cpq.pt", "vpa.pt", "sac_lag.pt"):
+        assert differing(out / name, marvel_uninterrupted / name) <= {"args.save_dir", "args.resume"}, name
+    assert (out / "sac_lag_progress.csv").read_text() == (marvel_uninterrupted / "sac_lag_progress.csv").read_text()
+
+
+def test_marvel_resume_refuses_what_cannot_continue_the_run(dataset, marvel_uninterrupted, tmp_path, capsys):
+    same = dict(env_id=ENV_ID, dataset_path=dataset, cuda=False, hidden_sizes=(16, 16), vae_hidden=16,
+                eval_episodes=1, offline_steps=STEPS, offline_eval_every=100, offline_batch_size=32, vpa_steps=3,
+                online_episodes=2, episodes_per_iter=2, updates_per_iter=2, eval_every=2)
+    stage_1_done, stage_2_done, interrupted = (tmp_path / d for d in ("stage_1_done", "stage_2_done", "interrupted"))
+    for folder, files in ((stage_1_done, ["cpq.pt"]), (stage_2_done, ["cpq.pt", "vpa.pt"])):
+        folder.mkdir()
+        for name in files:  # in the order the run wrote them: a vpa.pt older than cpq.pt is not this run's
+            shutil.copy(marvel_uninterrupted / name, folder)
+    interrupted.mkdir()  # the flags checks only look at these parts of a cpq_resume.pt
+    recorded = dataclasses.asdict(marvel_full.resolve_defaults(marvel_full.Args(**same)))
+    torch.save({**torch.load(marvel_uninterrupted / "cpq.pt", weights_only=True),
+                "resume": {"args": recorded, "device": "cpu"}}, interrupted / "cpq_resume.pt")
+    for resume, changes, error in [
+            (tmp_path / "nope", {}, "no such directory"),
+            (tmp_path, {}, "nothing to resume"),
+            (marvel_uninterrupted, {}, "the run finished"),
+            (interrupted, {"offline_batch_size": 64}, r"run's: --offline-batch-size \(was 32\)$"),
+            (interrupted, {"hidden_sizes": (32, 32)}, "checkpoint is for"),
+            (interrupted, {"save_dir": str(tmp_path / "elsewhere")}, "continues the run in that folder"),
+            (stage_1_done, {"offline_actor_lr": 1e-3}, r"run's: --offline-actor-lr \(was 0.0001\)$"),
+            (stage_1_done, {"vpa_steps": 5}, r"--vpa-steps \(was 3\)$"),
+            (stage_1_done, {"offline_checkpoint": str(stage_1_done / "cpq.pt")}, "--offline-checkpoint"),
+            (stage_2_done, {"actor_lr": 1e-3}, r"--actor-lr \(was 5e-05\)$")]:  # vpa.pt records every flag
+        with pytest.raises(marvel_full.InputError, match=error), capsys.disabled():  # Bullet's env builder vs capture
+            marvel_full.main(marvel_full.Args(**{**same, **changes, "resume": str(resume)}))
+    assert not (tmp_path / "nope").exists() and not (tmp_path / "elsewhere").exists()  # refused before any work
+    assert sorted(os.listdir(stage_1_done)) == ["cpq.pt"] and sorted(os.listdir(stage_2_done)) == ["cpq.pt", "vpa.pt"]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "marvel_full.py"), *marvel_flags(dataset, stage_1_done),
+                           "--vpa-steps", "5", "--resume", str(stage_1_done)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--vpa-steps (was 3)" in proc.stderr, proc.stderr
+
+
+def test_marvel_resume_after_stage_2_restarts_the_online_stage_from_vpa_pt(dataset, marvel_uninterrupted, tmp_path):
+    out = tmp_path / "out"  # what a run interrupted in stage 3 leaves (its partial files aside)
+    out.mkdir()
+    for name in ("cpq.pt", "vpa.pt"):
+        shutil.copy(marvel_uninterrupted / name, out)
+    run_marvel([*marvel_flags(dataset, out), "--resume", str(out)], tmp_path)
+    # the online stage reseeds and starts from vpa.pt, so restarting it ends as the uninterrupted run did
+    assert differing(out / "sac_lag.pt", marvel_uninterrupted / "sac_lag.pt") <= {"args.save_dir", "args.resume"}
+    assert (out / "cpq.pt").read_bytes() == (marvel_uninterrupted / "cpq.pt").read_bytes()  # reused as it was
