@@ -1,31 +1,44 @@
-"""Run the online methods of the Marvel benchmark over seeds, two processes at a time, and collect their results.
+"""Run the Marvel benchmark over tasks × cost limits × seeds × methods as Ray tasks, and collect their results.
 
-    python benchmark/run_grid.py --offline-checkpoint runs/cpq_s0/cpq.pt --seeds 0 1 2 3 4 \
+    python benchmark/run_grid.py --offline-checkpoint 'runs/cpq_s{seed}/cpq.pt' --seeds 0 1 2 3 4 \
         --methods marvel warm_start apid_only vpa_only vpa_pid scratch --out benchmark/results/carrun_grid
+    python benchmark/run_grid.py --env-ids OfflineCarRun-v0 OfflineBallRun-v0 --cost-limits 10 20 --seeds 0 1 2 \
+        --offline-steps 10000 --out benchmark/results/my_grid          # the offline stage is part of the grid
 
-Per seed, VPA runs once (`vpa.py --init <offline checkpoint> --seed S`) and every method that starts from VPA
-shares its output; the methods that start from the offline checkpoint share that. Each (method, seed) is one
-`sac_lag_apid.py` process with `OMP_NUM_THREADS=1` (two torch processes with two threads each oversubscribe 2 cores
-badly). A run whose result file already exists in `--out` is skipped, so the grid can be run in chunks and
-resumed. Into `--out` go, per run, `<method>_seed<S>.csv` (sac_lag_apid.py's per-iteration progress) and
-`<method>_seed<S>.json` (the command, the commit, and the offline / after-VPA / final evaluations with the online
-violations), and per seed `vpa_seed<S>_spearman.csv`. `benchmark/plot.py` turns them into curves and tables.
+Every run is one subprocess (with `OMP_NUM_THREADS=1`) inside one Ray task that asks for 1 CPU (and a GPU with
+`--cuda` when the cluster has one). Per (task, cost limit d, seed) the grid runs the offline stage (`cpq.py --seed S`;
+not with `--offline-checkpoint`, which names existing checkpoints), then VPA (`vpa.py --init <offline checkpoint>
+--seed S`), which every method that starts from VPA shares, then one `sac_lag_apid.py` per method. The stages are
+chained by object refs: the VPA task takes the offline task's ref, an online task the offline (and VPA) refs, so Ray
+starts a run as soon as what it needs exists. Ray runs on this machine by default (`ray.init()` with `--jobs` CPUs);
+`--address auto` (or `$RAY_ADDRESS`) joins a running cluster, whose nodes must then see the repository, `--out` and
+`--work-dir` at the same paths. Ray is an optional extra: `pip install -r requirements-bench.txt`.
 
-The offline checkpoint can be one file for all seeds, or a pattern with `{seed}` (one CPQ run per seed).
+Skip if done: a run whose result file exists in `--out` is skipped, a complete offline checkpoint and an existing VPA
+checkpoint in `--work-dir` are reused (an interrupted `cpq.py` run continues from its `*_resume.pt`), so a grid can be
+run in chunks and resumed. A failed run prints `failed: <run> (log: <path>)`, so do the runs that needed it (with the
+same log); the others go on, and the exit code is 1. Into `--out` go, per run, `<method>_seed<S>.csv`
+(sac_lag_apid.py's per-iteration progress) and `<method>_seed<S>.json` (the command, the commit, and the offline /
+after-VPA / final evaluations with the online violations), and per seed `vpa_seed<S>_spearman.csv`.
+`benchmark/plot.py` turns them into curves and tables. One task at one cost limit writes straight into `--out` and
+`--work-dir`, as before; with several tasks or limits each (task, d) gets a sub-folder `<env-id>_d<d>` of both
+(`<env-id>` when `--cost-limits` is not given: the scripts' default d).
+
+The offline checkpoint can be one file for all seeds, or a pattern with `{seed}` (and `{env_id}`, `{cost_limit}`).
 """
+import contextlib
 import csv
 import itertools
 import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import List
+from dataclasses import dataclass, field, replace
+from typing import List, Optional
 
 import torch
 import tyro
@@ -66,25 +79,54 @@ VARIANTS = {
 @dataclass
 class Args:
     # help that spans lines is one implicitly joined string: tyro keeps the line breaks of a multi-line docstring
-    offline_checkpoint: str
-    """offline checkpoint (cpq.py / bear_lag.py), or a pattern with {seed}"""
     out: str
-    """results folder (CSVs and JSONs of the finished runs; existing ones are skipped)"""
+    ("results folder (CSVs and JSONs of the finished runs; existing ones are skipped); with several tasks or cost "
+     "limits, one sub-folder <env-id>_d<d> per (task, d)")
+    offline_checkpoint: Optional[str] = None
+    ("offline checkpoints (cpq.py / bear_lag.py): one file, or a pattern with {seed} (and {env_id}, {cost_limit}); "
+     "without it the grid runs cpq.py per seed into --work-dir")
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    """online seeds (VPA uses the same seed)"""
+    """seeds (the offline run and VPA of a seed use the same seed)"""
     methods: List[str] = field(default_factory=lambda: ["recommended", "marvel", "warm_start", "scratch"])
     """methods to run: names from METHODS, each optionally with +VARIANT suffixes (e.g. marvel+autotune)"""
     env_id: str = "OfflineCarRun-v0"
-    """DSRL environment id"""
+    """DSRL environment id (one task; --env-ids for several)"""
+    env_ids: List[str] = field(default_factory=list)
+    """several DSRL environment ids, one grid each (replaces --env-id)"""
+    cost_limits: List[float] = field(default_factory=list)
+    """cost limits d, one grid each, passed as --cost-limit to every script (empty: no flag, the scripts' d = 20)"""
     work_dir: str = "runs/grid"
-    ("where checkpoints and TensorBoard logs of the runs go (one per task and offline checkpoint: the VPA "
-     "checkpoints in it are reused)")
+    ("where checkpoints, logs and TensorBoard files of the runs go (one per task and offline checkpoint: the offline "
+     "and VPA checkpoints in it are reused); several tasks or limits get sub-folders as --out does")
+    offline_steps: Optional[int] = None
+    """cpq.py --total-steps of the grid's offline runs (default: cpq.py's, 100k); not with --offline-checkpoint"""
+    offline_extra: str = ""
+    """extra flags for the grid's cpq.py runs, one string, e.g. --offline-extra='--eval-every 2500'"""
     jobs: int = 2
-    """processes at a time (one per core)"""
+    """runs at a time on a local Ray instance (its CPUs); a cluster joined with --address runs on all of its CPUs"""
+    address: Optional[str] = None
+    """Ray cluster to join: auto, or host:port of a `ray start --head` (default: $RAY_ADDRESS, else a local instance)"""
+    cuda: bool = False
+    """give each run a GPU (--gpus-per-run) when the Ray cluster has one, and let the scripts use it"""
+    gpus_per_run: float = 1.0
+    """GPUs each run asks for with --cuda (a fraction packs several runs on one GPU)"""
     extra: str = ""
     """extra flags for every sac_lag_apid.py run of this invocation, as one string, e.g. --extra='--offline-ratio 0.5'"""
     vpa_extra: str = ""
     """extra flags for vpa.py, one string"""
+
+
+@dataclass
+class Cell:
+    """One (task, cost limit) of the grid and its folders."""
+    env_id: str
+    cost_limit: Optional[float]
+    out: str
+    work: str
+    prefix: str  # "" for a one-cell grid, else "<sub-folder>/", in front of run names in messages
+
+    def limit_flags(self) -> List[str]:
+        return [] if self.cost_limit is None else ["--cost-limit", f"{self.cost_limit:g}"]
 
 
 def git_commit() -> str:
@@ -97,22 +139,70 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run(cmd: List[str], log_path: str) -> None:
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+def at(path: str) -> str:
+    """Paths are relative to the repository (the scripts run there), whatever the worker's working directory."""
+    return os.path.join(ROOT, path)
+
+
+def from_here(path: str) -> str:
+    """A path given on this command line (relative to the current directory) as the scripts see it from ROOT:
+    relative when it is inside the repository (so the recorded commands are as before), else absolute."""
+    path = os.path.abspath(path)
+    inside = os.path.commonpath([path, ROOT]) == ROOT
+    return os.path.relpath(path, ROOT) if inside else path
+
+
+class RunFailed(RuntimeError):
+    """A stage or run that failed: its name, its log, why (empty: the script's exit status; the log says why)."""
+
+    def __init__(self, run: str, log: str, reason: str = ""):
+        super().__init__(run, log, reason)
+        self.run, self.log, self.reason = run, log, reason
+
+    def __str__(self) -> str:
+        return f"{self.run} (log: {self.log})" + (f": {self.reason}" if self.reason else "")
+
+
+@contextlib.contextmanager
+def failures_as(name: str, log: str):
+    try:
+        yield
+    except RunFailed:
+        raise
+    except Exception as e:  # a refused checkpoint, a missing file: the same report, with the reason
+        raise RunFailed(name, log, f"{type(e).__name__}: {e}") from None
+
+
+def run(cmd: List[str], log_path: str, name: str, append: bool = False) -> None:
+    os.makedirs(os.path.dirname(at(log_path)), exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(log_path, "w") as log:
-        result = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"exit {result.returncode}: {' '.join(cmd)} (log: {log_path})")
+    with open(at(log_path), "a" if append else "w") as log:
+        blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])  # Ray's worker thread blocks it, and
+        try:                                                                   # a child inherits the mask
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        try:
+            while (code := proc.poll()) is None:  # not proc.wait(): a cancelled task's KeyboardInterrupt comes between
+                time.sleep(0.5)                   # bytecodes, which a blocking wait never reaches
+        except BaseException:  # cancelled (Ctrl-C on the grid): the script's own Ctrl-C, e.g. cpq.py's resume file
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    if code != 0:
+        raise RunFailed(name, log_path, "" if code == 1 else f"exit {code}")
 
 
 def checkpoint_eval(path: str) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True).get("eval")
+    return torch.load(at(path), map_location="cpu", weights_only=True).get("eval")
 
 
 def final_row(csv_path: str) -> dict:
     """The last evaluation row and the last training row of a progress CSV."""
-    rows = list(csv.DictReader(open(csv_path)))
+    rows = list(csv.DictReader(open(at(csv_path))))
     last_eval = [r for r in rows if r["eval_return"]][-1]
     last_train = [r for r in rows if r["lambda"]][-1]
     return {"return": float(last_eval["eval_return"]), "cost": float(last_eval["eval_cost"]),
@@ -122,78 +212,235 @@ def final_row(csv_path: str) -> dict:
             "episodes": int(last_train["episodes"]), "lambda": float(last_train["lambda"])}
 
 
-def main(args: Args) -> None:
+# ---- the three stages; each runs as one Ray task (1 CPU) and returns what the next one needs ----
+def offline_paths(cell: Cell, seed: int) -> tuple:
+    path = os.path.join(cell.work, f"cpq_seed{seed}", "cpq.pt")
+    return path, path.removesuffix(".pt") + ".log"
+
+
+def offline_stage(args: Args, cell: Cell, seed: int, device: List[str]) -> str:
+    """cpq.py for one seed, unless a complete run is there (best and *_last.pt, no *_resume.pt); an interrupted run
+    continues from its *_resume.pt. Returns the checkpoint."""
+    path, log = offline_paths(cell, seed)
+    name = f"{cell.prefix}cpq_seed{seed}"
+    resume = path.removesuffix(".pt") + "_resume.pt"
+    with failures_as(name, log):
+        complete = os.path.isfile(at(path)) and os.path.isfile(at(path.removesuffix(".pt") + "_last.pt"))
+        if not complete or os.path.isfile(at(resume)):
+            steps = [] if args.offline_steps is None else ["--total-steps", str(args.offline_steps)]
+            cmd = [sys.executable, "cpq.py", "--env-id", cell.env_id, "--seed", str(seed), "--save-path", path,
+                   *device, *cell.limit_flags(), *steps, *shlex.split(args.offline_extra)]
+            resuming = os.path.isfile(at(resume))
+            run(cmd + (["--resume", resume] if resuming else []), log, name, append=resuming)
+        made = torch.load(at(path), map_location="cpu", weights_only=True)["args"]
+        wanted = {"env_id": cell.env_id, "seed": seed, "cost_limit": cell.cost_limit, "total_steps": args.offline_steps}
+        differ = {k: made.get(k) for k, v in wanted.items() if v is not None and made.get(k) != v}
+        if differ:
+            raise RuntimeError(f"{path} was made with {differ}, not {({k: wanted[k] for k in differ})}; "
+                               f"pass another --work-dir")
+    return path
+
+
+def vpa_stage(args: Args, cell: Cell, seed: int, device: List[str], offline: str) -> str:
+    """VPA once per seed, shared by all VPA methods; its Spearman table is copied into --out. Returns the checkpoint."""
+    path = os.path.join(cell.work, f"vpa_seed{seed}", "vpa.pt")
+    log = path.removesuffix(".pt") + ".log"
+    name = f"{cell.prefix}vpa_seed{seed}"
+    with failures_as(name, log):
+        if not os.path.isfile(at(path)):
+            run([sys.executable, "vpa.py", "--env-id", cell.env_id, "--init", offline, "--seed", str(seed),
+                 "--save-path", path, *device, *cell.limit_flags(), *shlex.split(args.vpa_extra)], log, name)
+        made_from = torch.load(at(path), map_location="cpu", weights_only=True)["args"]
+        if (made_from["env_id"], made_from["init"]) != (cell.env_id, offline):
+            raise RuntimeError(f"{path} was made from {made_from['init']} on {made_from['env_id']}, not from "
+                               f"{offline} on {cell.env_id}; pass another --work-dir")
+        spearman = path.removesuffix(".pt") + "_spearman.csv"
+        if os.path.isfile(at(spearman)):  # absent with --vpa-extra=--no-diagnostic
+            shutil.copy(at(spearman), os.path.join(at(cell.out), f"vpa_seed{seed}_spearman.csv"))
+    return path
+
+
+def online_paths(cell: Cell, method: str, seed: int) -> tuple:
+    name = f"{method}_seed{seed}"
+    return os.path.join(cell.out, name + ".json"), os.path.join(cell.work, name, "log.txt")
+
+
+def online_stage(args: Args, cell: Cell, method: str, seed: int, device: List[str], commit: str,
+                 offline: Optional[str], vpa: Optional[str]) -> str:
+    """One sac_lag_apid.py run: its progress CSV and result JSON into --out."""
+    name = f"{method}_seed{seed}"
+    result_json, log = online_paths(cell, method, seed)
+    with failures_as(cell.prefix + name, log):
+        if os.path.exists(at(result_json)):
+            return f"{cell.prefix}{name}: exists, skipped"
+        base, *variants = method.split("+")
+        start_kind, flags = METHODS[base]
+        flags = flags + [flag for v in variants for flag in VARIANTS[v]]
+        init_path = {"vpa": vpa, "offline": offline, "scratch": "scratch"}[start_kind]
+        save = os.path.join(cell.work, name, "sac_lag.pt")
+        cmd = [sys.executable, "sac_lag_apid.py", "--env-id", cell.env_id, "--init", init_path, "--seed", str(seed),
+               "--save-path", save, *device, *cell.limit_flags(), *flags, *shlex.split(args.extra)]
+        start = time.time()
+        run(cmd, log, cell.prefix + name)
+        progress = save.removesuffix(".pt") + "_progress.csv"
+        shutil.copy(at(progress), os.path.join(at(cell.out), name + ".csv"))
+        result = {"method": method, "seed": seed, "command": " ".join(["python", *cmd[1:]]), "commit": commit,
+                  "wall_time_s": round(time.time() - start, 1),
+                  "offline": checkpoint_eval(offline) if start_kind != "scratch" else None,
+                  "after_vpa": checkpoint_eval(vpa) if start_kind == "vpa" else None,
+                  "final": final_row(progress)}
+        with open(at(result_json) + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(at(result_json) + ".tmp", at(result_json))
+    return f"{cell.prefix}{name}: final {result['final']['return']:.1f} / {result['final']['cost']:.1f}, " \
+           f"{result['final']['online_violations']} violations, {result['wall_time_s']:.0f}s"
+
+
+def start_of(method: str) -> str:
+    """Where a method starts: "vpa", "offline" or "scratch"."""
+    return METHODS[method.split("+")[0]][0]
+
+
+def cells_of(args: Args) -> List[Cell]:
+    """The (task, d) grid; one cell writes straight into --out and --work-dir (the layout before --env-ids)."""
+    pairs = [(env, d) for env in (args.env_ids or [args.env_id]) for d in (args.cost_limits or [None])]
+    cells = []
+    for env, d in pairs:
+        sub = env if d is None else f"{env}_d{d:g}"
+        nested = len(pairs) > 1
+        cells.append(Cell(env, d, os.path.join(args.out, sub) if nested else args.out,
+                          os.path.join(args.work_dir, sub) if nested else args.work_dir, f"{sub}/" if nested else ""))
+    return cells
+
+
+def start_ray(args: Args):
+    """A local Ray instance with --jobs CPUs, or the cluster at --address / $RAY_ADDRESS; the caller's own
+    ray.init() is used as it is. Returns the module and whether this call started it (and so shuts it down)."""
+    try:
+        import ray
+    except ImportError:
+        sys.exit("run_grid.py: error: Ray is not installed; pip install -r requirements-bench.txt")
+    if __name__ != "__main__":  # imported (tests): ship this file's functions to the workers by value
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    if ray.is_initialized():
+        return ray, False
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address)
+        except ConnectionError as e:  # Ray 2.60 only sends its token (`ray start` made one) to `auto` unless told
+            sys.exit(f"run_grid.py: error: {e}; if the cluster uses token authentication (Ray's default), pass "
+                     f"--address auto on its head node or set RAY_AUTH_MODE=token")
+    else:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a local instance reports nothing anywhere
+        ray.init(num_cpus=args.jobs, include_dashboard=False)
+    return ray, True
+
+
+def main(args: Args) -> int:
+    """Runs the grid; returns the number of failed stages and runs."""
     unknown = [m for m in args.methods if m.split("+")[0] not in METHODS or
                any(v not in VARIANTS for v in m.split("+")[1:])]
     if unknown:
         sys.exit(f"run_grid.py: error: unknown methods {unknown}; known: {sorted(METHODS)}, variants {sorted(VARIANTS)}")
-    os.makedirs(args.out, exist_ok=True)
-    commit, py = git_commit(), sys.executable
+    if args.offline_checkpoint is not None and (args.offline_steps is not None or args.offline_extra):
+        sys.exit("run_grid.py: error: --offline-steps and --offline-extra are for the grid's own offline runs, "
+                 "not with --offline-checkpoint")
+    if args.offline_checkpoint is not None and len(args.env_ids) > 1 and "{env_id}" not in args.offline_checkpoint:
+        sys.exit("run_grid.py: error: with several --env-ids, --offline-checkpoint needs {env_id} in its pattern")
+    if (args.offline_steps is not None and args.offline_steps < 1) or args.jobs < 1 or args.gpus_per_run <= 0 \
+            or any(d < 0 for d in args.cost_limits):
+        sys.exit("run_grid.py: error: --offline-steps, --jobs and --gpus-per-run must be > 0, --cost-limits >= 0")
+    args = replace(args, out=from_here(args.out), work_dir=from_here(args.work_dir))
+    cells = cells_of(args)
+    for cell in cells:
+        os.makedirs(at(cell.out), exist_ok=True)
+    failed, plan = 0, []  # plan: (cell, seed, methods to run, the given offline checkpoint or None: the grid's own)
+    for cell in cells:
+        for seed in args.seeds:
+            todo = []
+            for method in args.methods:
+                if os.path.exists(at(online_paths(cell, method, seed)[0])):
+                    print(f"{cell.prefix}{method}_seed{seed}: exists, skipped", flush=True)
+                else:
+                    todo.append(method)
+            given = None
+            if args.offline_checkpoint is not None and any(start_of(m) != "scratch" for m in todo):
+                given = from_here(args.offline_checkpoint.format(seed=seed, env_id=cell.env_id, cost_limit=(
+                    "" if cell.cost_limit is None else f"{cell.cost_limit:g}")))
+                if not os.path.isfile(at(given)):
+                    for method in [m for m in todo if start_of(m) != "scratch"]:
+                        print(f"failed: {cell.prefix}{method}_seed{seed}: no offline checkpoint {given}", flush=True)
+                        failed += 1
+                    todo = [m for m in todo if start_of(m) == "scratch"]
+            if todo:
+                plan.append((cell, seed, todo, given))
+    if not plan:
+        return failed
 
-    def offline_path(seed: int) -> str:
-        path = args.offline_checkpoint.format(seed=seed)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no offline checkpoint {path}")
-        return path
+    commit = git_commit()
+    ray, started = start_ray(args)
+    gpus = args.gpus_per_run if args.cuda and ray.cluster_resources().get("GPU", 0) > 0 else 0
+    if args.cuda and not gpus:
+        print("--cuda: the Ray cluster has no GPU; the runs use the CPU", flush=True)
+    device = [] if gpus else ["--no-cuda"]
+    stages = {fn: ray.remote(fn) for fn in (offline_stage, vpa_stage, online_stage)}  # exported once
 
-    vpa_locks = {seed: threading.Lock() for seed in args.seeds}
+    def task(fn, name: str):
+        return stages[fn].options(num_cpus=1, num_gpus=gpus, name=name)
 
-    def vpa_path(seed: int) -> str:
-        """VPA once per seed, shared by all VPA methods; its Spearman table is copied into --out."""
-        path = os.path.join(args.work_dir, f"vpa_seed{seed}", "vpa.pt")
-        with vpa_locks[seed]:  # the first run that needs it makes it; the others wait
-            if not os.path.isfile(path):
-                run([py, "vpa.py", "--env-id", args.env_id, "--init", offline_path(seed), "--seed", str(seed),
-                     "--save-path", path, "--no-cuda", *shlex.split(args.vpa_extra)], path.removesuffix(".pt") + ".log")
-            made_from = torch.load(path, map_location="cpu", weights_only=True)["args"]
-            if (made_from["env_id"], made_from["init"]) != (args.env_id, offline_path(seed)):
-                raise RuntimeError(f"{path} was made from {made_from['init']} on {made_from['env_id']}, not from "
-                                   f"{offline_path(seed)} on {args.env_id}; pass another --work-dir")
-        spearman = path.removesuffix(".pt") + "_spearman.csv"
-        if os.path.isfile(spearman):  # absent with --vpa-extra=--no-diagnostic
-            shutil.copy(spearman, os.path.join(args.out, f"vpa_seed{seed}_spearman.csv"))
-        return path
-
-    def one(method: str, seed: int) -> str:
-        name = f"{method}_seed{seed}"
-        result_json = os.path.join(args.out, name + ".json")
-        if os.path.exists(result_json):
-            return f"{name}: exists, skipped"
-        base, *variants = method.split("+")
-        start_kind, flags = METHODS[base]
-        flags = flags + [flag for v in variants for flag in VARIANTS[v]]
-        init = {"vpa": lambda: vpa_path(seed), "offline": lambda: offline_path(seed), "scratch": lambda: "scratch"}
-        init_path = init[start_kind]()
-        save = os.path.join(args.work_dir, name, "sac_lag.pt")
-        cmd = [py, "sac_lag_apid.py", "--env-id", args.env_id, "--init", init_path, "--seed", str(seed),
-               "--save-path", save, "--no-cuda", *flags, *shlex.split(args.extra)]
-        start = time.time()
-        run(cmd, os.path.join(args.work_dir, name, "log.txt"))
-        progress = save.removesuffix(".pt") + "_progress.csv"
-        shutil.copy(progress, os.path.join(args.out, name + ".csv"))
-        result = {"method": method, "seed": seed, "command": " ".join(["python", *cmd[1:]]), "commit": commit,
-                  "wall_time_s": round(time.time() - start, 1),
-                  "offline": checkpoint_eval(offline_path(seed)) if start_kind != "scratch" else None,
-                  "after_vpa": checkpoint_eval(vpa_path(seed)) if start_kind == "vpa" else None,
-                  "final": final_row(progress)}
-        with open(result_json + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(result_json + ".tmp", result_json)
-        return f"{name}: final {result['final']['return']:.1f} / {result['final']['cost']:.1f}, " \
-               f"{result['final']['online_violations']} violations, {result['wall_time_s']:.0f}s"
-
-    # alternate methods that need VPA with those that do not, so a seed's VPA runs while the other worker has work
-    with_vpa = [m for m in args.methods if METHODS[m.split("+")[0]][0] == "vpa"]
-    without = [m for m in args.methods if m not in with_vpa]
-    order = [m for pair in itertools.zip_longest(with_vpa, without) for m in pair if m is not None]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(one, m, s) for s in args.seeds for m in order]
-        for future in futures:
-            try:
-                print(future.result(), flush=True)
-            except Exception as e:  # report and go on: the other runs' results are still kept
-                print(f"failed: {e}", flush=True)
+    pending = {}  # object ref → (name, log)
+    offlines = []  # per plan entry: the offline checkpoint's path, or the ref of the task that makes it, or None
+    for cell, seed, todo, given in plan:  # the long offline runs first: Ray starts ready tasks in the order they came
+        offline = given
+        if given is None and any(start_of(m) != "scratch" for m in todo):
+            name = f"{cell.prefix}cpq_seed{seed}"
+            offline = task(offline_stage, name).remote(args, cell, seed, device)
+            pending[offline] = (name, offline_paths(cell, seed)[1])
+        offlines.append(offline)
+    for (cell, seed, todo, _), offline in zip(plan, offlines):
+        kinds, vpa = {start_of(m) for m in todo}, None
+        if "vpa" in kinds:
+            name = f"{cell.prefix}vpa_seed{seed}"
+            vpa = task(vpa_stage, name).remote(args, cell, seed, device, offline)
+            pending[vpa] = (name, os.path.join(cell.work, f"vpa_seed{seed}", "vpa.log"))
+        # methods that need VPA alternate with those that do not, so that a seed's VPA runs beside other work
+        with_vpa = [m for m in todo if start_of(m) == "vpa"]
+        without = [m for m in todo if m not in with_vpa]
+        for method in [m for pair in itertools.zip_longest(with_vpa, without) for m in pair if m is not None]:
+            name = f"{cell.prefix}{method}_seed{seed}"
+            ref = task(online_stage, name).remote(args, cell, method, seed, device, commit,  # its dependencies:
+                                                  offline if start_of(method) != "scratch" else None,
+                                                  vpa if start_of(method) == "vpa" else None)
+            pending[ref] = (name, online_paths(cell, method, seed)[1])
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)  # a timeout lets Ctrl-C through
+            for ref in done:
+                name, log = pending.pop(ref)
+                try:
+                    value = ray.get(ref)
+                    print(value if value.startswith(name) else f"{name}: {value}", flush=True)
+                except Exception as e:  # report and go on: the other runs' results are still kept
+                    cause = getattr(e, "cause", None) or e
+                    if getattr(cause, "run", name) != name:  # it needed a stage that failed: that stage's log
+                        print(f"failed: {name} (log: {cause.log}): needs {cause.run}, which failed", flush=True)
+                    elif hasattr(cause, "log"):
+                        print(f"failed: {cause}", flush=True)
+                    else:  # the task itself died (a lost worker or node)
+                        print(f"failed: {name} (log: {log}): {type(cause).__name__}: {cause}", flush=True)
+                    failed += 1
+    except KeyboardInterrupt:  # cancel the rest; a running script gets its own Ctrl-C (cpq.py saves a resume file)
+        print(f"interrupted: cancelling {len(pending)} stages and runs; the same command resumes the grid", flush=True)
+        for ref in pending:
+            ray.cancel(ref)
+        ray.wait(list(pending), num_returns=len(pending), timeout=90)
+        raise SystemExit(130)
+    finally:
+        if started:
+            ray.shutdown()
+    return failed
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    sys.exit(1 if main(tyro.cli(Args)) else 0)
