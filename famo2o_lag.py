@@ -68,7 +68,9 @@ class Args:
     exp_name: str = "famo2o_lag"
     """name of this experiment (part of the run name)"""
     env_id: str = "OfflineCarRun-v0"
-    """DSRL environment id"""
+    ("DSRL environment id: OfflineBallCircle-v0, OfflineBallRun-v0, OfflineCarCircle-v0, OfflineCarRun-v0, "
+     "OfflineDroneCircle-v0, OfflineDroneRun-v0, OfflineAntCircle-v0, OfflineAntRun-v0 (data bundled for CarRun and "
+     "BallRun)")
     seed: int = 0
     """seed of the experiment"""
     torch_deterministic: bool = True
