@@ -51,6 +51,15 @@ def uninterrupted(dataset, tmp_path_factory):
     return out
 
 
+def sigint_when(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
+    """Ctrl-C the process as soon as `ready()` holds (or it ends, or the timeout passes), then wait for it."""
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=timeout)
+
+
 @pytest.mark.parametrize("when", ["before the first evaluation", "after an evaluation"])
 def test_ctrl_c_then_resume_equals_the_uninterrupted_run(when, dataset, uninterrupted, tmp_path):
     resume = tmp_path / "cpq_resume.pt"
@@ -60,11 +69,7 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(when, dataset, uninterr
                                 stdout=out, stderr=err, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         # Ctrl-C is caught once the start line is printed; the evaluation at step 100 writes the resumable file
         started = (lambda: "transitions from" in stdout.read_text()) if when.startswith("before") else resume.exists
-        deadline = time.time() + 120
-        while not started() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        sigint_when(proc, started)
     message = stderr.read_text()
     assert proc.returncode == 130 and "Traceback" not in message, message[-2000:]
     state = torch.load(resume, weights_only=True)
@@ -147,11 +152,7 @@ def test_marvel_ctrl_c_in_stage_1_then_resume_equals_the_uninterrupted_run(datas
                                 stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path)
         # the evaluation at step 100 writes the resumable state; Ctrl-C then stops CPQ a step or so later, between
         # evaluations, so --resume must carry the optimizers and RNGs of an arbitrary step
-        deadline = time.time() + 120
-        while not resume.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        sigint_when(proc, resume.exists)
     message = stderr.read_text()
     assert proc.returncode == 130 and "Traceback" not in message, message[-2000:]
     state = torch.load(resume, weights_only=True)
