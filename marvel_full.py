@@ -12,9 +12,9 @@ The three stages, each a verbatim copy of its standalone file's definitions (tes
   2. Value Pre-Alignment, vpa.py: the actor μ is frozen and both critics are re-fitted to μ with entropy-
      regularised targets (α_vpa for Q, α_c_vpa < α_vpa for Qc) on the offline data.
   3. Online finetuning, sac_lag_apid.py: SAC-Lagrangian whose λ comes from the adaptive PID controller, updated once
-     per iteration. By default behind a deployment gate (the learner is deployed only after a safe, at-least-as-good
-     test episode), with a BC anchor to the replay's actions and half offline data per minibatch; `--paper` is the
-     published phase (see sac_lag_apid.py and docs/algorithms.md).
+     per iteration. By default behind a deployment gate (the learner is deployed only after a test episode at or
+     under (1 − m)·d, the cost λ steers it to, and at least as good), with a BC anchor to the replay's actions and
+     half offline data per minibatch; `--paper` is the published phase (see sac_lag_apid.py, docs/algorithms.md).
 Each stage writes its checkpoint into --save-dir as soon as it ends (cpq.pt, vpa.pt, sac_lag.pt), and stage 1 also
 keeps its whole state in cpq_resume.pt (cpq.py's *_resume.pt): Ctrl-C exits with status 130 and one line saying what
 is saved, and `--resume SAVE_DIR` continues an interrupted stage 1 bit for bit (CPU) or restarts an interrupted stage 2
