@@ -108,6 +108,9 @@ class Args:
     """CPQ minibatch size"""
     offline_eval_every: int = 5_000
     """evaluate CPQ every this many steps; the best evaluation (cpq.py's threshold-aware rule) goes to stage 2"""
+    first_look: int = 1_000
+    ("a first evaluation at this CPQ step, shown in the bar only (in its own env, with the random state put back: "
+     "the run is the same with or without it); 0: none")
     offline_actor_lr: float = 1e-4
     """CPQ actor learning rate"""
     offline_critic_lr: float = 1e-3
@@ -235,6 +238,11 @@ PAPER_ONLINE = {"deploy": "learner", "bc_weight": 0.0, "offline_ratio": 0.0, "co
 # ----------------------------------------------------------------------------------------------------------
 # Dataset: find a DSRL-format HDF5 file, then load and validate it.
 DSRL_MIRROR = "https://huggingface.co/datasets/YYY-45/DSRL/resolve/main/"
+# what `python benchmark/collect_dataset.py --env-id <task>` takes with its defaults on a 2-core CPU: scripted
+# controllers for the Ball and Car tasks; for the others it first trains four SAC-Lag behaviour agents
+COLLECT_TIME = {"OfflineBallCircle-v0": "2 min", "OfflineBallRun-v0": "1 min", "OfflineCarCircle-v0": "6 min",
+                "OfflineCarRun-v0": "2 min", "OfflineDroneCircle-v0": "DRONECIRCLE", "OfflineDroneRun-v0": "DRONERUN",
+                "OfflineAntCircle-v0": "ANTCIRCLE", "OfflineAntRun-v0": "ANTRUN"}
 DSRL_KEYS = ("observations", "next_observations", "actions", "rewards", "costs", "terminals", "timeouts")
 
 
@@ -274,7 +282,8 @@ def find_dataset(env_id: str, dataset_url: str, dataset_path: Optional[str] = No
         except Exception as e:  # any network/file failure: try the next source, report all at the end
             tried.append(f"{url} ({type(e).__name__})")
     raise InputError(f"no dataset for {env_id}; tried {', '.join(tried)}. Place the file at {cached} (or pass "
-                     f"--dataset-path), or make one: python benchmark/collect_dataset.py --env-id {env_id}")
+                     f"--dataset-path), or make one (about {COLLECT_TIME.get(env_id, 'an hour or more')} on a "
+                     f"2-core CPU): python benchmark/collect_dataset.py --env-id {env_id}")
 
 
 def load_dataset(path: str, obs_dim: int, act_dim: int) -> dict:
@@ -991,6 +1000,35 @@ def log_scalars(writer: SummaryWriter, prefix: str, info: dict, step: int) -> No
         writer.add_scalar(prefix + tag, value, step)
 
 
+class RunBar:
+    """One progress bar over every stage the run will do, so its ETA is the whole run's. Work is counted in offline
+    gradient steps: a VPA step and an online episode count what they cost relative to one on a CPU (measured in
+    benchmark/results/speed_cpu.md: CPQ ≈ 12 steps/s at batch 512, VPA ≈ 280 steps/s, a SAC-Lag update at batch 256
+    ≈ 120/s, the env ≈ 1,300 steps/s, plus the evaluations)."""
+
+    def __init__(self, args: Args, stages: list, horizon: int, offline_done: int = 0):
+        online_episode = 12.0 * (1.2 * horizon / 1300 + args.updates_per_iter / args.episodes_per_iter / 120)
+        self.weights = {"cpq": 1.0, "vpa": 12.0 / 280, "online": online_episode}
+        budgets = {"cpq": args.offline_steps - offline_done, "vpa": args.vpa_steps, "online": args.online_episodes}
+        total = sum(self.weights[stage] * budgets[stage] for stage in stages if stage in budgets)
+        self.stages, self.weight = [s for s in stages if s in budgets], 0.0
+        self.bar = tqdm(total=total, dynamic_ncols=True,
+                        bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
+
+    def start(self, stage: str) -> None:
+        self.weight = self.weights[stage]
+        self.bar.set_description(f"{self.stages.index(stage) + 1}/{len(self.stages)} {stage}")
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(min(self.weight * n, self.bar.total - self.bar.n))  # no overshoot from rounding
+
+    def set_postfix(self, **values) -> None:
+        self.bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in values.items()))  # in the order given
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def cpq_flags(args: Args) -> Args:
     """The run's flags under the names CPQ reads (its own Args'): the offline learning rates and cost limit."""
     cost_limit = args.offline_cost_limit if args.offline_cost_limit is not None else args.cost_limit
@@ -998,7 +1036,7 @@ def cpq_flags(args: Args) -> Args:
                    alpha_lr=args.alpha_c_lr, cost_limit=cost_limit)
 
 
-def pretrain(args: Args, data: dict, env: gym.Env, writer: SummaryWriter, progress: tqdm, save_path: str,
+def pretrain(args: Args, data: dict, env: gym.Env, writer: SummaryWriter, progress: RunBar, save_path: str,
              device: torch.device, stop: list, resume: Optional[dict] = None) -> dict:
     """Stage 1, CPQ (cpq.py). Returns the best evaluated checkpoint, saved to `save_path`. Its whole state is kept in
     *_resume.pt (as cpq.py's) at every evaluation and when `stop` (Ctrl-C) ends it; `resume` continues from one."""
@@ -1040,9 +1078,7 @@ def pretrain(args: Args, data: dict, env: gym.Env, writer: SummaryWriter, progre
             "optimizers": {k: v.state_dict() for k, v in vars(agent).items() if isinstance(v, torch.optim.Optimizer)},
             "eval_action": None if env.action is None else torch.as_tensor(env.action), "rng": rng}})
 
-    progress.reset(total=args.offline_steps)
-    progress.update(first_step - 1)
-    progress.set_description("1/3 cpq")
+    progress.start("cpq")
     for step in range(first_step, args.offline_steps + 1):
         idx = torch.randint(num_transitions, (args.offline_batch_size,), device=device, generator=generator)
         info = update(data["observations"][idx], data["actions"][idx], data["rewards"][idx], data["costs"][idx],
@@ -1053,12 +1089,18 @@ def pretrain(args: Args, data: dict, env: gym.Env, writer: SummaryWriter, progre
             result = evaluate(agent.actor, env, args.eval_episodes, cpq_args.cost_limit, device)
             for k, v in result.items():
                 writer.add_scalar(f"offline/eval/{k}", v, step)
-            progress.set_postfix(ret=f"{result['return']:.1f}", cost=f"{result['cost']:.1f}")
+            progress.set_postfix(ret=f"{result['return']:.1f}", cost=f"{result['cost']:.1f}", at=step)
             if is_better(result, best):
                 best = {**result, "step": step}
                 save_checkpoint(save_path, {**agent.checkpoint(cpq_args, args.env_id, obs_dim, act_dim, step),
                                             "eval": best})
             save_resume(step)  # a killed run loses at most --offline-eval-every steps
+        if step == args.first_look and step % args.offline_eval_every:  # feedback minutes before the first eval
+            numpy_state = np.random.get_state()  # Bullet's reset noise: the later evaluations see the same
+            look = evaluate(agent.actor, make_env(args.env_id, args.seed + 20_000), args.eval_episodes,
+                            cpq_args.cost_limit, device)
+            np.random.set_state(numpy_state)
+            progress.set_postfix(ret=f"{look['return']:.1f}", cost=f"{look['cost']:.1f}", at=step)
         progress.update()
         if stop:
             save_resume(step)
@@ -1069,7 +1111,7 @@ def pretrain(args: Args, data: dict, env: gym.Env, writer: SummaryWriter, progre
     return torch.load(save_path, map_location="cpu", weights_only=True)
 
 
-def align(args: Args, data: dict, offline: dict, env: gym.Env, writer: SummaryWriter, progress: tqdm,
+def align(args: Args, data: dict, offline: dict, env: gym.Env, writer: SummaryWriter, progress: RunBar,
           save_path: str, device: torch.device, stop: list) -> dict:
     """Stage 2, VPA (vpa.py): re-fit both critics of `offline` to its frozen actor. Returns the aligned checkpoint,
     also saved to `save_path`; `stop` (Ctrl-C) ends it unsaved."""
@@ -1079,8 +1121,7 @@ def align(args: Args, data: dict, offline: dict, env: gym.Env, writer: SummaryWr
     update = torch.compile(agent.update) if args.compile else agent.update
     generator = torch.Generator(device=device).manual_seed(args.seed)
     num_transitions = len(data["rewards"])
-    progress.reset(total=args.vpa_steps)
-    progress.set_description("2/3 vpa")
+    progress.start("vpa")
     for step in range(1, args.vpa_steps + 1):
         idx = torch.randint(num_transitions, (args.vpa_batch_size,), device=device, generator=generator)
         info = update({k: v[idx] for k, v in data.items()})
@@ -1109,7 +1150,7 @@ def align(args: Args, data: dict, offline: dict, env: gym.Env, writer: SummaryWr
     return aligned
 
 
-def finetune(args: Args, init: Optional[dict], data: Optional[dict], writer: SummaryWriter, progress: tqdm,
+def finetune(args: Args, init: Optional[dict], data: Optional[dict], writer: SummaryWriter, progress: RunBar,
              save_path: str, device: torch.device, stop: list) -> dict:
     """Stage 3, SAC-Lag with the λ controller (sac_lag_apid.py), from `init` (None: from scratch); `data` is the
     offline dataset that --offline-ratio mixes into the minibatches; `stop` (Ctrl-C) ends it after an iteration."""
@@ -1172,8 +1213,7 @@ def finetune(args: Args, init: Optional[dict], data: Optional[dict], writer: Sum
     cumulative_cost, interrupted, start = 0.0, False, time.time()
     last_eval = log_eval(0, 0)
     lam = lagrangian.lam
-    progress.reset(total=args.online_episodes)
-    progress.set_description("3/3 online")
+    progress.start("online")
     while episodes_done < args.online_episodes and not stop:  # Ctrl-C: at the end of an iteration
         n = min(args.episodes_per_iter, args.online_episodes - episodes_done)
         testing = gate is not None and gate.test_due()
@@ -1219,7 +1259,8 @@ def finetune(args: Args, init: Optional[dict], data: Optional[dict], writer: Sum
         if episodes_done // args.eval_every > (episodes_done - n) // args.eval_every:
             last_eval = log_eval(episodes_done, env_steps)
         progress.update(n)
-        progress.set_postfix(ret=f"{returns.mean():.0f}", cost=f"{costs.mean():.1f}", lam=f"{lam:.3f}")
+        progress.set_postfix(ret=f"{returns.mean():.0f}", cost=f"{costs.mean():.1f}", lam=f"{lam:.3f}",
+                             eval=f"{last_eval['return']:.0f}/{last_eval['cost']:.1f}")
     if episodes_done < args.online_episodes:  # stopped by Ctrl-C: keep the work done so far
         save_path, interrupted = save_path.removesuffix(".pt") + "_interrupted.pt", True
     if evaluated_at != episodes_done:  # the final evaluation is of the final actor, also after an interrupt
@@ -1253,6 +1294,8 @@ def resolve_defaults(args: Args) -> Args:
                args.eval_every, args.eval_episodes, args.online_episodes]
     if min(budgets) < 1 or args.alpha <= 0:
         raise InputError("budgets, sizes and intervals must be >= 1 and --alpha > 0")
+    if args.first_look < 0:
+        raise InputError(f"--first-look {args.first_look}: must be >= 0 (0: none)")
     if args.bc_weight < 0 or args.lagrangian_init < 0 or min(args.gate_max_wait, args.gate_passes) < 1 \
             or not 0 <= args.offline_ratio < 1 or not 0 <= args.cost_margin < 1:
         raise InputError("need --bc-weight >= 0, --lagrangian-init >= 0, --gate-max-wait >= 1, --gate-passes >= 1, "
@@ -1372,7 +1415,9 @@ def main(args: Args) -> dict:
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name)
     writer = SummaryWriter(save_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    progress = tqdm(total=1, dynamic_ncols=True)  # one display, reset at each stage
+    todo = (["cpq"] if args.pretrain and offline is None and aligned is None else []) \
+        + (["vpa"] if args.pretrain and args.vpa and aligned is None else []) + ["online"]
+    progress = RunBar(args, todo, env.spec.max_episode_steps, offline_done=state["step"] if state else 0)
     rows, wall = {}, {}
     start = time.time()
     try:

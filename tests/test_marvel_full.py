@@ -127,12 +127,13 @@ def test_online_stage_reproduces_sac_lag_apid(tmp_path, start):
 
 def test_offline_stage_reproduces_cpq(tmp_path, dataset_file):
     """marvel_full.py's stage 1 is cpq.py: same seed, data and budget ⇒ the same checkpoint, bit for bit (so a
-    default marvel_full.py run is also a default cpq.py run)."""
+    default marvel_full.py run is also a default cpq.py run), also with a first look (an extra evaluation at step 2
+    that cpq.py does not make)."""
     shared = ["--no-cuda", "--hidden-sizes", "32", "32", "--vae-hidden", "32", "--eval-episodes", "1", "--seed", "5",
               "--dataset-path", dataset_file]
     proc = run(*shared, "--offline-steps", "6", "--offline-eval-every", "3", "--offline-batch-size", "32",
                "--vpa-steps", "1", "--online-episodes", "1", "--episodes-per-iter", "1", "--updates-per-iter", "1",
-               "--eval-every", "1", "--save-dir", str(tmp_path / "m"), cwd=tmp_path)
+               "--eval-every", "1", "--first-look", "2", "--save-dir", str(tmp_path / "m"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "cpq.py"), *shared, "--total-steps", "6",
                            "--eval-every", "3", "--batch-size", "32", "--save-path", str(tmp_path / "s" / "cpq.pt")],
