@@ -5,7 +5,7 @@
 Writes into the folder:
   curves.png   mean ± std over seeds of the training-episode return and cost (iteration means, smoothed over
                `--smooth` iterations) against online episodes, one line per method, the cost limit drawn
-               (the paper's Figures 3 and 5);
+               (the paper's Figures 3 and 5); one row of panels per `--groups` entry (default: 4 methods a row);
   table.md     per method, mean ± std over seeds of: offline → after VPA → final deterministic evaluation
                (return, cost, normalised return, normalised cost), online violations (training episodes over the
                limit) and cumulative online cost, and the seeds it has.
@@ -47,6 +47,9 @@ class Args:
     """methods to show, in this order (default: all found)"""
     title: str = ""
     """figure title"""
+    groups: Optional[List[str]] = None
+    ("one row of (return, cost) panels per group, each a comma-separated list of methods, e.g. "
+     "`recommended,marvel warm_start,scratch` (default: the methods in order, at most 4 per row)")
 
 
 def load_runs(folder: str) -> dict:
@@ -67,30 +70,34 @@ def smooth(x: np.ndarray, k: int) -> np.ndarray:
     return np.concatenate([head, (c[k:] - c[:-k]) / k])[:len(x)]
 
 
-def curves(runs: dict, methods: List[str], args: Args, path: str) -> None:
-    fig, (ax_ret, ax_cost) = plt.subplots(1, 2, figsize=(12, 4.6 + 0.18 * len(methods)))
-    colors = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors
-    for color, method in zip(colors, methods):
-        seeds = runs[method]
-        n = min(len(rows) for rows, _ in seeds)  # a common length (all runs have the same schedule)
-        episodes = np.array([int(r["episodes"]) for r in seeds[0][0][:n]])
-        for ax, key in ((ax_ret, "return"), (ax_cost, "cost")):
-            ys = np.stack([smooth(np.array([float(r[key]) for r in rows[:n]]), args.smooth) for rows, _ in seeds])
-            mean, std = ys.mean(0), ys.std(0)
-            ax.plot(episodes, mean, color=color, label=f"{LABELS.get(method, method)} ({len(seeds)} seeds)")
-            low = mean - std if key == "return" else np.maximum(mean - std, 0.0)  # a cost is never below 0
-            ax.fill_between(episodes, low, mean + std, color=color, alpha=0.15)
-    ax_cost.axhline(args.cost_limit, color="k", linestyle="--", linewidth=1, label=f"cost limit d = {args.cost_limit:g}")
-    ax_ret.set_ylabel("episode return (training episodes)")
-    ax_cost.set_ylabel("episode cost (training episodes)")
-    for ax in (ax_ret, ax_cost):
-        ax.set_xlabel("online episodes")
-        ax.grid(alpha=0.3)
-    handles, labels = ax_cost.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+def curves(runs: dict, groups: List[List[str]], args: Args, path: str) -> None:
+    """One row of panels per group of methods, so that bands do not hide each other; a method keeps its colour."""
+    methods = list(dict.fromkeys(m for group in groups for m in group))  # a method may appear in several groups
+    colors = dict(zip(methods, plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors))
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 0.5 + 4.2 * len(groups)), squeeze=False)
+    for (ax_ret, ax_cost), group in zip(axes, groups):
+        for method in group:
+            seeds = runs[method]
+            n = min(len(rows) for rows, _ in seeds)  # a common length (all runs have the same schedule)
+            episodes = np.array([int(r["episodes"]) for r in seeds[0][0][:n]])
+            for ax, key in ((ax_ret, "return"), (ax_cost, "cost")):
+                ys = np.stack([smooth(np.array([float(r[key]) for r in rows[:n]]), args.smooth) for rows, _ in seeds])
+                mean, std = ys.mean(0), ys.std(0)
+                ax.plot(episodes, mean, color=colors[method],
+                        label=f"{LABELS.get(method, method)} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
+                low = mean - std if key == "return" else np.maximum(mean - std, 0.0)  # a cost is never below 0
+                ax.fill_between(episodes, low, mean + std, color=colors[method], alpha=0.15)
+        ax_cost.axhline(args.cost_limit, color="k", linestyle="--", linewidth=1,
+                        label=f"cost limit d = {args.cost_limit:g}")
+        ax_ret.set_ylabel("episode return (training episodes)")
+        ax_cost.set_ylabel("episode cost (training episodes)")
+        for ax in (ax_ret, ax_cost):
+            ax.set_xlabel("online episodes")
+            ax.grid(alpha=0.3)
+        ax_cost.legend(fontsize=7, loc="upper right")
     fig.suptitle(args.title or f"{os.path.basename(os.path.normpath(args.folder))}: mean ± std over seeds, "
                                 f"{args.smooth}-iteration moving average")
-    fig.tight_layout(rect=(0, 0.03 + 0.03 * math.ceil((len(methods) + 1) / 3), 1, 1))
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
@@ -135,7 +142,14 @@ def main(args: Args) -> None:
         raise SystemExit(f"plot.py: error: no *_seed*.json results in {args.folder}")
     methods = [m for m in (args.methods or sorted(runs, key=lambda m: list(LABELS).index(m) if m in LABELS else 99))
                if m in runs]
-    curves(runs, methods, args, os.path.join(args.folder, "curves.png"))
+    if args.groups:
+        groups = [[m for m in group.split(",") if m] for group in args.groups]
+        unknown = sorted({m for group in groups for m in group} - set(runs))
+        if unknown:
+            raise SystemExit(f"plot.py: error: --groups: no results for {', '.join(unknown)} in {args.folder}")
+    else:
+        groups = [methods[i:i + 4] for i in range(0, len(methods), 4)]
+    curves(runs, groups, args, os.path.join(args.folder, "curves.png"))
     with open(os.path.join(args.folder, "table.md"), "w") as f:
         f.write(table(runs, methods))
     print(table(runs, methods))
