@@ -239,10 +239,11 @@ PAPER_ONLINE = {"deploy": "learner", "bc_weight": 0.0, "offline_ratio": 0.0, "co
 # Dataset: find a DSRL-format HDF5 file, then load and validate it.
 DSRL_MIRROR = "https://huggingface.co/datasets/YYY-45/DSRL/resolve/main/"
 # what `python benchmark/collect_dataset.py --env-id <task>` takes with its defaults on a 2-core CPU: scripted
-# controllers for the Ball and Car tasks; for the others it first trains four SAC-Lag behaviour agents
+# controllers for the Ball and Car tasks (measured); the others first train four SAC-Lag behaviour agents (estimated
+# from measured rates, see datasets/README.md)
 COLLECT_TIME = {"OfflineBallCircle-v0": "2 min", "OfflineBallRun-v0": "1 min", "OfflineCarCircle-v0": "6 min",
-                "OfflineCarRun-v0": "2 min", "OfflineDroneCircle-v0": "DRONECIRCLE", "OfflineDroneRun-v0": "DRONERUN",
-                "OfflineAntCircle-v0": "ANTCIRCLE", "OfflineAntRun-v0": "ANTRUN"}
+                "OfflineCarRun-v0": "3 min", "OfflineDroneCircle-v0": "35 min", "OfflineDroneRun-v0": "25 min",
+                "OfflineAntCircle-v0": "1.5 h", "OfflineAntRun-v0": "25 min"}
 DSRL_KEYS = ("observations", "next_observations", "actions", "rewards", "costs", "terminals", "timeouts")
 
 

@@ -124,6 +124,12 @@ ENV_DEFAULTS = {
 # ----------------------------------------------------------------------------------------------------------
 # Dataset: find a DSRL-format HDF5 file, then load and validate it.
 DSRL_MIRROR = "https://huggingface.co/datasets/YYY-45/DSRL/resolve/main/"
+# what `python benchmark/collect_dataset.py --env-id <task>` takes with its defaults on a 2-core CPU: scripted
+# controllers for the Ball and Car tasks (measured); the others first train four SAC-Lag behaviour agents (estimated
+# from measured rates, see datasets/README.md)
+COLLECT_TIME = {"OfflineBallCircle-v0": "2 min", "OfflineBallRun-v0": "1 min", "OfflineCarCircle-v0": "6 min",
+                "OfflineCarRun-v0": "3 min", "OfflineDroneCircle-v0": "35 min", "OfflineDroneRun-v0": "25 min",
+                "OfflineAntCircle-v0": "1.5 h", "OfflineAntRun-v0": "25 min"}
 DSRL_KEYS = ("observations", "next_observations", "actions", "rewards", "costs", "terminals", "timeouts")
 
 
@@ -163,7 +169,8 @@ def find_dataset(env_id: str, dataset_url: str, dataset_path: Optional[str] = No
         except Exception as e:  # any network/file failure: try the next source, report all at the end
             tried.append(f"{url} ({type(e).__name__})")
     raise InputError(f"no dataset for {env_id}; tried {', '.join(tried)}. Place the file at {cached} (or pass "
-                     f"--dataset-path), or make one: python benchmark/collect_dataset.py --env-id {env_id}")
+                     f"--dataset-path), or make one (about {COLLECT_TIME.get(env_id, 'an hour or more')} on a "
+                     f"2-core CPU): python benchmark/collect_dataset.py --env-id {env_id}")
 
 
 def load_dataset(path: str, obs_dim: int, act_dim: int) -> dict:

@@ -11,8 +11,9 @@ from conftest import ACT_DIM, ENV_ID, OBS_DIM, ROOT, synthetic_dataset, write_hd
 
 import cpq
 
-DSRL_URL = "http://data.offline-saferl.org/download/SafetyBallCircle-v0-80-886.hdf5"
-NO_BUNDLE_ENV = "OfflineBallCircle-v0"  # no datasets/OfflineBallCircle-v0.hdf5 in the repo: exercises later steps
+DSRL_FILE = "SafetyDroneRun-v0-140-1990.hdf5"
+DSRL_URL = "http://data.offline-saferl.org/download/" + DSRL_FILE
+NO_BUNDLE_ENV = "OfflineDroneRun-v0"  # no datasets/OfflineDroneRun-v0.hdf5 in the repo: exercises later steps
 
 
 def refuse(url, dest):
@@ -28,7 +29,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def test_explicit_path_wins(dataset_file, cache_dir):
-    write_hdf5(cache_dir / "SafetyBallCircle-v0-80-886.hdf5", synthetic_dataset())
+    write_hdf5(cache_dir / DSRL_FILE, synthetic_dataset())
     assert cpq.find_dataset(NO_BUNDLE_ENV, DSRL_URL, dataset_file, download=refuse) == dataset_file
 
 
@@ -60,8 +61,8 @@ def test_download_tries_dsrl_then_mirror(cache_dir):
         write_hdf5(dest, synthetic_dataset())
 
     path = cpq.find_dataset(NO_BUNDLE_ENV, DSRL_URL, download=mirror_only)
-    assert calls == [DSRL_URL, cpq.DSRL_MIRROR + "SafetyBallCircle-v0-80-886.hdf5"]
-    assert path == str(cache_dir / "SafetyBallCircle-v0-80-886.hdf5") and os.path.isfile(path)
+    assert calls == [DSRL_URL, cpq.DSRL_MIRROR + DSRL_FILE]
+    assert path == str(cache_dir / DSRL_FILE) and os.path.isfile(path)
 
 
 def test_nothing_found_names_every_place_and_both_remedies(cache_dir):
@@ -69,7 +70,7 @@ def test_nothing_found_names_every_place_and_both_remedies(cache_dir):
         cpq.find_dataset(NO_BUNDLE_ENV, DSRL_URL, download=refuse)
     msg = str(e.value)
     assert "\n" not in msg
-    for part in (str(cache_dir), "datasets/OfflineBallCircle-v0.hdf5", DSRL_URL, "huggingface.co",
+    for part in (str(cache_dir), "datasets/OfflineDroneRun-v0.hdf5", DSRL_URL, "huggingface.co",
                  "--dataset-path", "benchmark/collect_dataset.py"):
         assert part in msg
 
@@ -137,8 +138,9 @@ def test_missing_dataset_cli_is_one_line_error(tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and "no dataset for OfflineBallCircle-v0" in lines[0]
-    assert "benchmark/collect_dataset.py" in lines[0]
+    assert len(lines) == 1 and "no dataset for OfflineDroneRun-v0" in lines[0]
+    assert "python benchmark/collect_dataset.py --env-id OfflineDroneRun-v0" in lines[0]
+    assert "on a 2-core CPU" in lines[0]  # with the expected time
 
 
 def _dsrl_load(path, env_id=ENV_ID):
@@ -177,7 +179,8 @@ def test_dsrl_loader_accepts_bundled_ballrun_file(tmp_path):
     cpq.load_dataset(str(path), 7, 2)
 
 
-@pytest.mark.parametrize("env_id, horizon", [("OfflineCarRun-v0", 200), ("OfflineBallRun-v0", 100)])
+@pytest.mark.parametrize("env_id, horizon", [("OfflineCarRun-v0", 200), ("OfflineBallRun-v0", 100),
+                                             ("OfflineBallCircle-v0", 200), ("OfflineCarCircle-v0", 300)])
 def test_collector_output_loads_in_dsrl(tmp_path, env_id, horizon):
     out = tmp_path / "c.hdf5"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "collect_dataset.py"), "--env-id", env_id,
@@ -200,3 +203,79 @@ def test_grid_select_covers_cost_bins_evenly():
     kept = grid_select(costs, returns, 100, 4, 4, rng)
     assert len(kept) == 100 and len(set(kept)) == 100
     assert (costs[kept] > 10).sum() >= 60  # the sparse costly bins keep all they have (≈ 75)
+
+
+def _episodes(data, horizon):
+    return data["costs"].reshape(-1, horizon).sum(1), data["rewards"].reshape(-1, horizon).sum(1)
+
+
+@pytest.mark.parametrize("env_id, count, horizon, max_cost, median_safe", [
+    ("OfflineBallCircle-v0", 800, 200, 80, 206.18), ("OfflineCarCircle-v0", 520, 300, 100, 153.92)])
+def test_dsrl_loader_accepts_bundled_circle_files(tmp_path, env_id, count, horizon, max_cost, median_safe):
+    """The two Circle files: DSRL's loader reads them, and they have the shape datasets/README.md states."""
+    import shutil
+    bundled = os.path.join(ROOT, "datasets", f"{env_id}.hdf5")
+    assert os.path.getsize(bundled) <= 10e6
+    data = _dsrl_load(str(shutil.copy(bundled, tmp_path / "bundled.hdf5")), env_id)
+    assert len(data["rewards"]) == count * horizon and data["timeouts"].sum() == count and not data["terminals"].any()
+    costs, returns = _episodes(data, horizon)
+    assert costs.min() == 0 and costs.max() <= max_cost
+    assert (costs <= 20).mean() >= 1 / 3 and (costs > 20).mean() >= 1 / 3
+    assert returns.max() - returns.min() >= 250
+    assert np.median(returns[costs <= 20]) == pytest.approx(median_safe, abs=0.005)  # the number the READMEs quote
+    cpq.load_dataset(bundled, 8, 2)
+
+
+def _collect(tmp_path, env_id, *flags):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmark", "collect_dataset.py"), "--env-id", env_id,
+                           "--workers", "1", *flags], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("env_id, horizon, obs_dim, act_dim", [("OfflineDroneRun-v0", 200, 17, 4),
+                                                                ("OfflineAntRun-v0", 200, 33, 8)])
+def test_collector_trains_behaviour_agents_for_tasks_without_a_controller(tmp_path, env_id, horizon, obs_dim,
+                                                                          act_dim):
+    """DSRL's recipe with a tiny budget: one SAC-Lag agent (1 episode, a few updates), rolled out with noise; the
+    file loads in DSRL and here; a second call reuses the agent and writes the same data."""
+    tiny = ["--num-trajectories", "10", "--oversample", "1", "--agent-episodes", "1",
+            "--agent-updates-per-step", "0.005", "--agent-cost-limits", "20", "--agents-dir", "agents"]
+    first = _collect(tmp_path, env_id, *tiny, "--output", "a.hdf5")
+    assert first.returncode == 0, first.stderr[-2000:]
+    agents = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "agents") for f in fs if f == "sac_lag.pt"]
+    assert len(agents) == 1 and f"limit20_ep1_" in agents[0]
+    data = _dsrl_load(str(tmp_path / "a.hdf5"), env_id)
+    assert len(data["rewards"]) == 10 * horizon and data["timeouts"].sum() == 10
+    cpq.load_dataset(str(tmp_path / "a.hdf5"), obs_dim, act_dim)
+    with h5py.File(tmp_path / "a.hdf5") as f:
+        assert "SAC-Lag agents trained by this collector at cost limits 20" in f.attrs["behaviour"]
+    second = _collect(tmp_path, env_id, *tiny, "--output", "b.hdf5")
+    assert second.returncode == 0 and "reusing 1 of 1" in second.stdout, second.stderr[-2000:]
+    with h5py.File(tmp_path / "a.hdf5") as a, h5py.File(tmp_path / "b.hdf5") as b:
+        for k in ("observations", "actions", "rewards", "costs"):
+            np.testing.assert_array_equal(a[k][()], b[k][()])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--safe-share", "0.7"], "--safe-share"), (["--agent-cost-limits", "-5"], "--agent-cost-limits"),
+    (["--agent-episodes", "0"], "--agent-episodes"), (["--output", "/proc/nope/x.hdf5"], "/proc/nope")])
+def test_collector_bad_flags_are_one_line_errors(tmp_path, flags, message):
+    proc = _collect(tmp_path, "OfflineDroneRun-v0", *flags)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+    assert not os.listdir(tmp_path), "nothing is trained or written before the flags are checked"
+
+
+def test_safe_share_puts_a_share_on_each_side_of_the_limit():
+    sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+    from collect_dataset import Args, select_trajectories
+    rng = np.random.default_rng(0)
+    costs = rng.uniform(0, 80, 2000)  # the plain grid keeps about a quarter at cost <= 20
+    returns = costs * 5 + rng.uniform(0, 100, 2000)
+    plain = select_trajectories(costs, returns, 400, Args(safe_share=0.0, cost_max=80), rng)
+    shared = select_trajectories(costs, returns, 400, Args(safe_share=0.4, cost_max=80), rng)
+    assert (costs[plain] <= 20).mean() < 0.35
+    assert len(shared) == 400 and len(set(shared)) == 400
+    assert (costs[shared] <= 20).sum() == 160 and (costs[shared] > 20).sum() == 240
+    few_safe = np.r_[rng.uniform(0, 20, 50), rng.uniform(20.5, 80, 1950)]  # fewer safe episodes than the share
+    kept = select_trajectories(few_safe, returns, 400, Args(safe_share=0.4, cost_max=80), rng)
+    assert len(kept) == 400 and (few_safe[kept] <= 20).sum() == 50
