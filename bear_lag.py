@@ -27,6 +27,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -53,8 +54,8 @@ class Args:
     """name of this experiment (part of the run name)"""
     env_id: str = "OfflineCarRun-v0"
     ("DSRL environment id, e.g. OfflineBallCircle-v0, OfflineBallRun-v0, OfflineCarCircle-v0, OfflineCarRun-v0, "
-     "OfflineDroneCircle-v0, OfflineDroneRun-v0, OfflineAntCircle-v0, OfflineAntRun-v0 (data bundled for CarRun and "
-     "BallRun)")
+     "OfflineDroneCircle-v0, OfflineDroneRun-v0, OfflineAntCircle-v0, OfflineAntRun-v0 (data bundled for "
+     "the Ball and Car tasks; the Drone and Ant tasks need benchmark/collect_dataset.py first)")
     seed: int = 0
     """seed of the experiment"""
     torch_deterministic: bool = True
@@ -69,6 +70,8 @@ class Args:
     """DSRL-format HDF5 file; default: DSRL cache, then datasets/<env-id>.hdf5, then download"""
     save_path: Optional[str] = None
     """checkpoint path (default runs/<run-name>/bear_lag.pt); the last step is saved beside it as *_last.pt"""
+    resume: Optional[str] = None
+    """a *_resume.pt file (written beside the checkpoint at every evaluation and on Ctrl-C) to continue from"""
     cost_limit: float = 20.0
     """episode cost limit d (undiscounted sum of per-step costs)"""
     total_steps: int = 50_000
@@ -574,24 +577,50 @@ def main(args: Args) -> dict:
         raise InputError(f"--cost-limit {args.cost_limit}: must be >= 0 (an episode's cost is a sum of costs >= 0)")
     if args.num_samples < 1 or args.mmd_sigma <= 0 or not 0 <= args.target_mix <= 1:
         raise InputError("--num-samples must be >= 1, --mmd-sigma > 0 and --target-mix in [0, 1]")
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    save_path = args.save_path or os.path.join("runs", run_name, "bear_lag.pt")
-    run_dir = prepare_output_dir(save_path)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    env = make_env(args.env_id, args.seed)
+    # Bullet's reset keeps the motor targets of the last action (CarRun's wheels and steering), so an evaluation
+    # starts from where the one before it stopped: the env remembers its last action for --resume to replay
+    class RememberAction(gym.Wrapper):
+        action = None
+
+        def step(self, action):
+            self.action = action
+            return self.env.step(action)
+
+    env = RememberAction(make_env(args.env_id, args.seed))
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    resume = None
+    if args.resume is not None:  # refused before any work unless it continues this very run
+        resume = load_checkpoint(args.resume, args.env_id, obs_dim, act_dim, args.hidden_sizes)
+        if resume["algo"] != "bear_lag" or "resume" not in resume:
+            raise InputError(f"--resume {args.resume}: not a resumable checkpoint (bear_lag.py writes *_resume.pt)")
+        was, state = resume["args"], resume["resume"]
+        changed = [f"--{k.replace('_', '-')} (was {was.get(k)})" for k, v in asdict(args).items()
+                   if k not in ("exp_name", "track", "wandb_project_name", "cuda", "save_path", "resume")
+                   and was.get(k) != (list(v) if isinstance(v, tuple) else v)]
+        if args.save_path and os.path.abspath(args.save_path) != state["save_path"]:
+            changed.append(f"--save-path (was {state['save_path']})")
+        if state["device"] != device.type:  # RNG states do not carry over between devices
+            changed.append(f"--cuda/--no-cuda (ran on {state['device']})")
+        if changed:
+            raise InputError(f"--resume {args.resume}: these flags differ from the interrupted run's: "
+                             f"{', '.join(changed)}")
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    save_path = args.save_path or (resume["resume"]["save_path"] if resume else
+                                   os.path.join("runs", run_name, "bear_lag.pt"))
+    run_dir = prepare_output_dir(save_path)
+    resume_path = save_path.removesuffix(".pt") + "_resume.pt"
+
     path = find_dataset(args.env_id, env.unwrapped.dataset_url, args.dataset_path)
     data = {k: torch.as_tensor(v, device=device) for k, v in load_dataset(path, obs_dim, act_dim).items()}
     data["rewards"] = data["rewards"] * args.reward_scale
     num_transitions = len(data["observations"])
     q_thres = episode_q_threshold(args.cost_limit, args.gamma, env.spec.max_episode_steps)
-    print(f"{args.env_id}: {num_transitions} transitions from {path}; q_thres={q_thres:.3f}, "
-          f"qc_thres={args.qc_thres_factor * q_thres:.3f} on {device}")
 
     if args.track:
         import wandb
@@ -601,8 +630,47 @@ def main(args: Args) -> dict:
 
     agent = BEARLag(obs_dim, act_dim, args, q_thres).to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    best, last_eval, start = None, None, time.time()
-    progress = tqdm(range(1, args.total_steps + 1), desc="bear_lag", dynamic_ncols=True)
+    best, last_eval, first_step = None, None, 1
+    if resume is not None:  # the state save_resume wrote, in place of the fresh one
+        for name, module in agent.named_children():
+            module.load_state_dict(resume[name])
+        agent.log_alpha.data.copy_(resume["log_alpha"])
+        for k in ("lam", "integral", "prev_error"):  # float32 values, read back exactly
+            setattr(agent.lagrangian, k, torch.tensor(resume["lagrange"][k], device=device))
+        for name, optimizer_state in state["optimizers"].items():
+            getattr(agent, name).load_state_dict(optimizer_state)
+        if state["eval_action"] is not None:  # put the eval env's motors where the last evaluation left them
+            env.reset()
+            env.step(state["eval_action"].numpy())
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])  # Bullet's reset noise
+        torch.set_rng_state(state["rng"]["torch"])
+        generator.set_state(state["rng"]["sampler"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        best, last_eval, first_step = state["best"], state["last_eval"], resume["step"] + 1
+
+    def save_resume(step: int) -> None:
+        """Everything that carries over from `step` to the next: --resume continues bit for bit from here."""
+        numpy_state = np.random.get_state()
+        rng = {"python": random.getstate(), "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
+               "torch": torch.get_rng_state(), "sampler": generator.get_state(),
+               "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+        save_checkpoint(resume_path, {**agent.checkpoint(args, args.env_id, obs_dim, act_dim, step), "resume": {
+            "save_path": os.path.abspath(save_path), "device": device.type, "best": best, "last_eval": last_eval,
+            "optimizers": {k: v.state_dict() for k, v in vars(agent).items() if isinstance(v, torch.optim.Optimizer)},
+            "eval_action": None if env.action is None else torch.as_tensor(env.action), "rng": rng}})
+
+    # From here on Ctrl-C stops the run at the end of the current step (or evaluation), where its state is whole,
+    # and saves it for --resume; the default KeyboardInterrupt would strike in the middle of an update
+    interrupted = []
+    default_sigint = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    print(f"{args.env_id}: {num_transitions} transitions from {path}; q_thres={q_thres:.3f}, "
+          f"qc_thres={args.qc_thres_factor * q_thres:.3f} on {device}"
+          + (f"; resuming after step {first_step - 1}" if resume else ""))
+    start = time.time()
+    progress = tqdm(range(first_step, args.total_steps + 1), desc="bear_lag", initial=first_step - 1,
+                    total=args.total_steps, dynamic_ncols=True)
     for step in progress:
         idx = torch.randint(num_transitions, (args.batch_size,), device=device, generator=generator)
         info = agent.update(data["observations"][idx], data["actions"][idx], data["rewards"][idx],
@@ -610,7 +678,7 @@ def main(args: Args) -> dict:
         if step % 100 == 0:  # one host sync per 100 steps
             for tag, value in zip(info, torch.stack(list(info.values())).tolist()):
                 writer.add_scalar(tag, value, step)
-            writer.add_scalar("charts/SPS", step / (time.time() - start), step)
+            writer.add_scalar("charts/SPS", (step - first_step + 1) / (time.time() - start), step)
         if step % args.eval_every == 0 or step == args.total_steps:
             last_eval = evaluate(agent.actor, env, args.eval_episodes, args.cost_limit, device)
             for k, v in last_eval.items():
@@ -620,14 +688,26 @@ def main(args: Args) -> dict:
             progress.write(f"step {step}: eval return {last_eval['return']:.1f}, cost {last_eval['cost']:.1f} "
                            f"(normalised {last_eval['normalized_return']:.3f} / {last_eval['normalized_cost']:.3f}); "
                            f"λ {lam:.4g}, MMD {mmd:.4f}, α {alpha:.4g}")
-            ckpt = agent.checkpoint(args, args.env_id, obs_dim, act_dim, step)
             if is_better(last_eval, best):
                 best = {**last_eval, "step": step}
-                save_checkpoint(save_path, {**ckpt, "eval": best})
-    save_checkpoint(save_path.removesuffix(".pt") + "_last.pt", {**ckpt, "eval": {**last_eval, "step": step}})
+                save_checkpoint(save_path, {**agent.checkpoint(args, args.env_id, obs_dim, act_dim, step),
+                                            "eval": best})
+            save_resume(step)  # a killed run loses at most --eval-every steps
+        if interrupted:
+            save_resume(step)
+            progress.close()
+            writer.close()
+            signal.signal(signal.SIGINT, default_sigint)
+            raise KeyboardInterrupt(f"interrupted at step {step}: resumable checkpoint {resume_path}; "
+                                    f"continue with --resume {resume_path}")
+    last = {**last_eval, "step": args.total_steps}
+    ckpt = agent.checkpoint(args, args.env_id, obs_dim, act_dim, args.total_steps)
+    save_checkpoint(save_path.removesuffix(".pt") + "_last.pt", {**ckpt, "eval": last})
+    os.remove(resume_path)  # the run is complete: nothing left to resume
     writer.close()
+    signal.signal(signal.SIGINT, default_sigint)
     print(f"\n{'':14}{'step':>8}{'return':>10}{'cost':>8}{'norm ret':>10}{'norm cost':>10}")
-    for name, r in (("last", {**last_eval, "step": step}), ("best (saved)", best)):
+    for name, r in (("last", last), ("best (saved)", best)):
         print(f"{name:14}{r['step']:>8}{r['return']:>10.1f}{r['cost']:>8.1f}{r['normalized_return']:>10.3f}"
               f"{r['normalized_cost']:>10.3f}")
     print(f"final λ {ckpt['lagrange']['lam']:.4g}, α {ckpt['log_alpha'].exp().item():.4g}")
@@ -640,7 +720,6 @@ if __name__ == "__main__":
         main(tyro.cli(Args))
     except InputError as e:
         sys.exit(f"bear_lag.py: error: {e}")
-    except KeyboardInterrupt:
-        print("bear_lag.py: interrupted; the best evaluation so far, if any, is the --save-path checkpoint "
-              "(bear_lag.py does not resume)", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C: main says what it saved; before training there is nothing to save
+        print(f"bear_lag.py: {e or 'interrupted before training started'}", file=sys.stderr)
         sys.exit(130)

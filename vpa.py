@@ -59,8 +59,8 @@ class Args:
     """name of this experiment (part of the run name)"""
     env_id: str = "OfflineCarRun-v0"
     ("DSRL environment id, e.g. OfflineBallCircle-v0, OfflineBallRun-v0, OfflineCarCircle-v0, OfflineCarRun-v0, "
-     "OfflineDroneCircle-v0, OfflineDroneRun-v0, OfflineAntCircle-v0, OfflineAntRun-v0 (data bundled for CarRun and "
-     "BallRun)")
+     "OfflineDroneCircle-v0, OfflineDroneRun-v0, OfflineAntCircle-v0, OfflineAntRun-v0 (data bundled for "
+     "the Ball and Car tasks; the Drone and Ant tasks need benchmark/collect_dataset.py first)")
     seed: int = 0
     """seed of the experiment"""
     torch_deterministic: bool = True

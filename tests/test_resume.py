@@ -1,5 +1,5 @@
-"""cpq.py and stage 1 of marvel_full.py survive Ctrl-C: they keep a resumable checkpoint, and --resume ends the run
-exactly as if it had never stopped (the same tensors, the same evaluations, on CPU)."""
+"""cpq.py, bear_lag.py and stage 1 of marvel_full.py survive Ctrl-C: they keep a resumable checkpoint, and --resume
+ends the run exactly as if it had never stopped (the same tensors, the same evaluations, on CPU)."""
 import dataclasses
 import os
 import shutil
@@ -214,3 +214,34 @@ def test_marvel_resume_after_stage_2_restarts_the_online_stage_from_vpa_pt(datas
     # the online stage reseeds and starts from vpa.pt, so restarting it ends as the uninterrupted run did
     assert differing(out / "sac_lag.pt", marvel_uninterrupted / "sac_lag.pt") <= {"args.save_dir", "args.resume"}
     assert (out / "cpq.pt").read_bytes() == (marvel_uninterrupted / "cpq.pt").read_bytes()  # reused as it was
+
+
+# bear_lag.py: the same contract as cpq.py (its PID multiplier's state and the MMD weight α carry over too)
+
+
+def test_bear_lag_ctrl_c_then_resume_equals_the_uninterrupted_run(dataset, tmp_path):
+    bear = flags(dataset, "unused")[:-1]  # everything but the save path
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    for d in (whole, cut):
+        d.mkdir()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bear_lag.py"), *bear, str(whole / "b.pt"),
+                           "--num-samples", "3"], capture_output=True, text=True, cwd=whole, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resume, stderr = cut / "b_resume.pt", cut / "stderr.txt"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "bear_lag.py"), *bear, str(cut / "b.pt"),
+                                 "--num-samples", "3"], stdout=subprocess.DEVNULL, stderr=err, cwd=cut)
+        sigint_when(proc, resume.exists)  # after the evaluation at step 100, at an arbitrary step
+    message = stderr.read_text()
+    assert proc.returncode == 130 and "Traceback" not in message, message[-2000:]
+    state = torch.load(resume, weights_only=True)
+    assert message.strip().splitlines()[-1] == (f"bear_lag.py: interrupted at step {state['step']}: resumable "
+                                                f"checkpoint {resume}; continue with --resume {resume}")
+    assert 100 <= state["step"] < STEPS and state["algo"] == "bear_lag"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bear_lag.py"), *bear, str(cut / "b.pt"),
+                           "--num-samples", "3", "--resume", str(resume)], capture_output=True, text=True, cwd=cut,
+                          timeout=300)
+    assert proc.returncode == 0 and "resuming after step" in proc.stdout, proc.stderr[-2000:]
+    assert not resume.exists()
+    for name in ("b.pt", "b_last.pt"):
+        assert differing(cut / name, whole / name) <= {"args.save_path", "args.resume"}, name
