@@ -42,6 +42,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -85,6 +86,9 @@ class Args:
     """DSRL-format HDF5 file; default: DSRL cache, then datasets/<env-id>.hdf5, then download"""
     save_path: Optional[str] = None
     """final checkpoint (default runs/<run-name>/famo2o.pt); beside it *_offline.pt, *_family.csv/png, *_progress.csv"""
+    resume: Optional[str] = None
+    ("a *_offline_resume.pt file (written beside the checkpoints at every offline evaluation and on Ctrl-C) to "
+     "continue the offline phase from; the family sweep and the online phase then run as usual")
     cost_limit: float = 20.0
     """episode cost limit d (undiscounted sum of per-step costs)"""
     eval_episodes: int = 10
@@ -339,6 +343,8 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: a dict of tensors and plain values, loadable with torch.load(path, weights_only=True).
 CHECKPOINT_FORMAT = "o2o-safe-rl/1"
+CHECKPOINT_KEYS = ("algo", "reward_scale", "cost_limit", "step", "actor", "critic", "critic_target", "cost_critic",
+                   "cost_critic_target")
 
 
 def to_cpu(value):
@@ -370,6 +376,23 @@ def save_checkpoint(path: str, checkpoint: dict) -> None:
     torch.save({"format": CHECKPOINT_FORMAT, **to_cpu(checkpoint)}, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
 
+
+def load_checkpoint(path: str, env_id: str, obs_dim: int, act_dim: int, hidden_sizes: Tuple[int, ...]) -> dict:
+    """Load and check that the checkpoint belongs to this env and architecture (refuse, never drop weights)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path}: not an {CHECKPOINT_FORMAT} checkpoint")
+    found = (ckpt.get("env_id"), ckpt.get("obs_dim"), ckpt.get("act_dim"), tuple(ckpt.get("hidden_sizes") or ()))
+    if found != (env_id, obs_dim, act_dim, tuple(hidden_sizes)):
+        raise InputError(f"{path}: checkpoint is for (env, obs_dim, act_dim, hidden_sizes)={found}, "
+                         f"this run needs {(env_id, obs_dim, act_dim, tuple(hidden_sizes))}")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise InputError(f"{path}: checkpoint lacks {missing}")
+    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -629,14 +652,46 @@ class FamO2OLag(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # The three phases: offline training, the family sweep, online finetuning.
 def offline_phase(args: Args, agent: FamO2OLag, data: dict, env: gym.Env, writer: SummaryWriter, save_path: str,
-                  device: torch.device) -> Tuple[dict, float]:
+                  device: torch.device, stop: list, resume: Optional[dict] = None) -> Tuple[dict, float]:
     """Offline training; returns the best evaluated checkpoint (cpq.py's rule, also saved to `save_path`) and the
-    training speed in gradient steps/s (evaluations excluded)."""
+    training speed in gradient steps/s (evaluations excluded). The whole state is kept in *_offline_resume.pt at
+    every evaluation and when `stop` (Ctrl-C) ends it; `resume` (one such file) continues it bit for bit."""
     obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
     policy = FamilyPolicy(agent.actor, agent.balance)  # β from the balance model, as deployed
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    num_transitions, best, eval_time, start = len(data["rewards"]), None, 0.0, time.time()
-    progress = tqdm(range(1, args.offline_steps + 1), desc="famo2o offline", dynamic_ncols=True)
+    resume_path = save_path.removesuffix(".pt") + "_resume.pt"
+    num_transitions, best, eval_time, start, first_step = len(data["rewards"]), None, 0.0, time.time(), 1
+    if resume is not None:  # the state save_resume wrote, in place of the fresh one
+        state = resume["resume"]
+        agent.load(resume)
+        for name, optimizer_state in state["optimizers"].items():
+            getattr(agent, name).load_state_dict(optimizer_state)
+        if state["eval_action"] is not None:  # put the eval env's motors where the last evaluation left them
+            env.reset()
+            env.step(state["eval_action"].numpy())
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])  # Bullet's reset noise
+        torch.set_rng_state(state["rng"]["torch"])
+        generator.set_state(state["rng"]["sampler"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if state["has_best"]:  # the best evaluation so far is the file save_path holds
+            best = torch.load(save_path, map_location="cpu", weights_only=True)
+        first_step = resume["step"] + 1
+
+    def save_resume(step: int) -> None:
+        """Everything that carries over from `step` to the next."""
+        numpy_state = np.random.get_state()
+        rng = {"python": random.getstate(), "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
+               "torch": torch.get_rng_state(), "sampler": generator.get_state(),
+               "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+        save_checkpoint(resume_path, {**agent.checkpoint(args, args.env_id, obs_dim, act_dim, step), "resume": {
+            "save_path": os.path.abspath(save_path), "device": device.type, "has_best": best is not None,
+            "optimizers": {k: v.state_dict() for k, v in vars(agent).items() if isinstance(v, torch.optim.Optimizer)},
+            "eval_action": None if env.action is None else torch.as_tensor(env.action), "rng": rng}})
+
+    progress = tqdm(range(first_step, args.offline_steps + 1), desc="famo2o offline", initial=first_step - 1,
+                    total=args.offline_steps, dynamic_ncols=True)
     for step in progress:
         idx = torch.randint(num_transitions, (args.batch_size,), device=device, generator=generator)
         # β ~ U[β_min, β_max] per sample: every member of the family learns from every state
@@ -661,8 +716,15 @@ def offline_phase(args: Args, agent: FamO2OLag, data: dict, env: gym.Env, writer
                 best = copy.deepcopy({**agent.checkpoint(args, args.env_id, obs_dim, act_dim, step),
                                       "eval": {**result, "step": step}})
                 save_checkpoint(save_path, best)
+            save_resume(step)  # a killed run loses at most --eval-every steps
             eval_time += time.time() - eval_start
-    return best, args.offline_steps / (time.time() - start - eval_time)
+        if stop:
+            save_resume(step)
+            progress.close()
+            raise KeyboardInterrupt(f"interrupted in the offline phase at step {step}: resumable state "
+                                    f"{resume_path}; continue with --resume {resume_path}")
+    os.remove(resume_path)  # the offline phase is complete: nothing left to resume
+    return best, (args.offline_steps - first_step + 1) / (time.time() - start - eval_time)
 
 
 def family_sweep(args: Args, agent: FamO2OLag, env: gym.Env, stem: str, device: torch.device,
@@ -755,6 +817,7 @@ def online_phase(args: Args, agent: FamO2OLag, env: gym.Env, writer: SummaryWrit
                 writer.add_scalar(tag, value, env_steps)
             csv.write(f"{episodes_done},{env_steps},{returns.mean():.4f},{costs.mean():.4f},{lam:.6f},"
                       f"{beta_mean:.4f},{values['famo2o/beta_std']:.4f},{violations},{cumulative_cost:.1f},,,,\n")
+            csv.flush()  # a stopped run keeps its progress
             if episodes_done // args.online_eval_every > (episodes_done - n) // args.online_eval_every:
                 last_eval = log_eval(episodes_done, env_steps)
             progress.set_postfix(ret=f"{returns.mean():.0f}", cost=f"{costs.mean():.1f}", lam=f"{lam:.3f}",
@@ -792,18 +855,46 @@ def main(args: Args) -> dict:
     if outside:
         raise InputError(f"--family-betas {outside} lie outside [--beta-min, --beta-max] = "
                          f"[{args.beta_min}, {args.beta_max}], where the family was never trained")
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    save_path = args.save_path or os.path.join("runs", run_name, "famo2o.pt")
-    run_dir = prepare_output_dir(save_path)
-    stem = save_path.removesuffix(".pt")
     random.seed(args.seed)
     np.random.seed(args.seed)  # also Bullet's reset noise
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    env = make_env(args.env_id, args.seed + 10_000)  # evaluation env, separate from the online ones
+    # Bullet's reset keeps the motor targets of the last action (CarRun's wheels and steering), so an evaluation
+    # starts from where the one before it stopped: the env remembers its last action for --resume to replay
+    class RememberAction(gym.Wrapper):
+        action = None
+
+        def step(self, action):
+            self.action = action
+            return self.env.step(action)
+
+    env = RememberAction(make_env(args.env_id, args.seed + 10_000))  # evaluation env, apart from the online ones
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    resume = None
+    if args.resume is not None:  # refused before any work unless it continues this very run
+        resume = load_checkpoint(args.resume, args.env_id, obs_dim, act_dim, args.hidden_sizes)
+        if resume["algo"] != "famo2o_lag" or "resume" not in resume:
+            raise InputError(f"--resume {args.resume}: not a resumable checkpoint (famo2o_lag.py writes "
+                             f"*_offline_resume.pt)")
+        was, state = resume["args"], resume["resume"]
+        changed = [f"--{k.replace('_', '-')} (was {was.get(k)})" for k, v in asdict(args).items()
+                   if k not in ("exp_name", "track", "wandb_project_name", "cuda", "save_path", "resume")
+                   and was.get(k) != (list(v) if isinstance(v, tuple) else v)]
+        if args.save_path and os.path.abspath(args.save_path).removesuffix(".pt") + "_offline.pt" \
+                != state["save_path"]:
+            changed.append(f"--save-path (was {state['save_path'].removesuffix('_offline.pt')}.pt)")
+        if state["device"] != device.type:  # RNG states do not carry over between devices
+            changed.append(f"--cuda/--no-cuda (ran on {state['device']})")
+        if changed:
+            raise InputError(f"--resume {args.resume}: these flags differ from the interrupted run's: "
+                             f"{', '.join(changed)}")
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    save_path = args.save_path or (resume["resume"]["save_path"].removesuffix("_offline.pt") + ".pt" if resume
+                                   else os.path.join("runs", run_name, "famo2o.pt"))
+    run_dir = prepare_output_dir(save_path)
+    stem = save_path.removesuffix(".pt")
     path = find_dataset(args.env_id, env.unwrapped.dataset_url, args.dataset_path)
     data = {k: torch.as_tensor(v, device=device) for k, v in load_dataset(path, obs_dim, act_dim).items()}
     data["rewards"] = data["rewards"] * args.reward_scale
@@ -817,9 +908,16 @@ def main(args: Args) -> dict:
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     agent = FamO2OLag(obs_dim, act_dim, args, alpha, q_thres).to(device)
 
-    # 1. offline: universal actor on β ~ U[β_min, β_max], balance model, λ; the best evaluation is kept
-    start = time.time()
-    best, offline_sps = offline_phase(args, agent, data, env, writer, stem + "_offline.pt", device)
+    # 1. offline: universal actor on β ~ U[β_min, β_max], balance model, λ; the best evaluation is kept. Ctrl-C
+    # stops it at the end of a step, where its state is whole, and keeps that state for --resume
+    start, stop = time.time(), []
+    default_sigint = signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum))
+    try:
+        best, offline_sps = offline_phase(args, agent, data, env, writer, stem + "_offline.pt", device, stop, resume)
+    finally:
+        signal.signal(signal.SIGINT, default_sigint)  # the online phase handles Ctrl-C itself
+        if stop:
+            writer.close()
     agent.load(best)
     offline_wall = time.time() - start
     # 2. family sweep of the kept offline model, saved with it
@@ -854,3 +952,6 @@ if __name__ == "__main__":
             sys.exit(130)  # partial results are saved, but the run did not finish
     except InputError as e:
         sys.exit(f"famo2o_lag.py: error: {e}")
+    except KeyboardInterrupt as e:  # Ctrl-C in the offline phase: it says what it kept
+        print(f"famo2o_lag.py: {e or 'interrupted before training started'}", file=sys.stderr)
+        sys.exit(130)

@@ -245,3 +245,40 @@ def test_bear_lag_ctrl_c_then_resume_equals_the_uninterrupted_run(dataset, tmp_p
     assert not resume.exists()
     for name in ("b.pt", "b_last.pt"):
         assert differing(cut / name, whole / name) <= {"args.save_path", "args.resume"}, name
+
+
+# famo2o_lag.py: its offline phase keeps *_offline_resume.pt the same way; --resume continues it bit for bit, and the
+# family sweep and the online phase after it then come out the same too
+
+
+def test_famo2o_ctrl_c_offline_then_resume_equals_the_uninterrupted_run(dataset, tmp_path):
+    fam = ["--no-cuda", "--dataset-path", dataset, "--hidden-sizes", "16", "16", "--offline-steps", str(STEPS),
+           "--batch-size", "32", "--eval-every", "100", "--eval-episodes", "1", "--online-episodes", "2",
+           "--episodes-per-iter", "1", "--updates-per-iter", "2", "--family-betas", "1", "5", "--save-path"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    for d in (whole, cut):
+        d.mkdir()
+    script = os.path.join(ROOT, "famo2o_lag.py")
+    proc = subprocess.run([sys.executable, script, *fam, str(whole / "f.pt")], capture_output=True, text=True,
+                          cwd=whole, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resume, stderr = cut / "f_offline_resume.pt", cut / "stderr.txt"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([sys.executable, script, *fam, str(cut / "f.pt")], stdout=subprocess.DEVNULL,
+                                stderr=err, cwd=cut)
+        sigint_when(proc, resume.exists)  # after the evaluation at step 100, at an arbitrary step
+    message = stderr.read_text()
+    assert proc.returncode == 130 and "Traceback" not in message, message[-2000:]
+    state = torch.load(resume, weights_only=True)
+    assert message.strip().splitlines()[-1] == (f"famo2o_lag.py: interrupted in the offline phase at step "
+                                                f"{state['step']}: resumable state {resume}; continue with --resume "
+                                                f"{resume}")
+    assert 100 <= state["step"] < STEPS and not (cut / "f.pt").exists()
+    proc = subprocess.run([sys.executable, script, *fam, str(cut / "f.pt"), "--resume", str(resume)],
+                          capture_output=True, text=True, cwd=cut, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not resume.exists()
+    for name in ("f_offline.pt", "f.pt"):
+        assert differing(cut / name, whole / name) <= {"args.save_path", "args.resume"}, name
+    for name in ("f_family.csv", "f_progress.csv"):
+        assert (cut / name).read_text() == (whole / name).read_text(), name
