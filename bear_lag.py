@@ -721,5 +721,5 @@ if __name__ == "__main__":
     except InputError as e:
         sys.exit(f"bear_lag.py: error: {e}")
     except KeyboardInterrupt as e:  # Ctrl-C: main says what it saved; before training there is nothing to save
-        print(f"bear_lag.py: {e or 'interrupted before training started'}", file=sys.stderr)
+        print(f"bear_lag.py: {str(e) or 'interrupted before training started'}", file=sys.stderr)
         sys.exit(130)

@@ -666,5 +666,5 @@ if __name__ == "__main__":
     except InputError as e:
         sys.exit(f"cpq.py: error: {e}")
     except KeyboardInterrupt as e:  # Ctrl-C: main says what it saved; before training there is nothing to save
-        print(f"cpq.py: {e or 'interrupted before training started'}", file=sys.stderr)
+        print(f"cpq.py: {str(e) or 'interrupted before training started'}", file=sys.stderr)
         sys.exit(130)

@@ -953,5 +953,5 @@ if __name__ == "__main__":
     except InputError as e:
         sys.exit(f"famo2o_lag.py: error: {e}")
     except KeyboardInterrupt as e:  # Ctrl-C in the offline phase: it says what it kept
-        print(f"famo2o_lag.py: {e or 'interrupted before training started'}", file=sys.stderr)
+        print(f"famo2o_lag.py: {str(e) or 'interrupted before training started'}", file=sys.stderr)
         sys.exit(130)

@@ -1484,5 +1484,5 @@ if __name__ == "__main__":
     except InputError as e:
         sys.exit(f"marvel_full.py: error: {e}")
     except KeyboardInterrupt as e:  # Ctrl-C: main says what it saved; before the stages there is nothing to save
-        print(f"marvel_full.py: {e or 'interrupted before the first stage started: nothing saved'}", file=sys.stderr)
+        print(f"marvel_full.py: {str(e) or 'interrupted before the first stage started: nothing saved'}", file=sys.stderr)
         sys.exit(130)

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -68,6 +69,9 @@ class Args:
     """DSRL-format dataset, only read when --offline-ratio > 0"""
     save_path: Optional[str] = None
     """final checkpoint (default runs/<run-name>/sac_lag.pt)"""
+    resume: Optional[str] = None
+    ("a *_resume.pt file (written beside the checkpoint at every evaluation and on Ctrl-C: networks, optimizers, "
+     "replay buffer, λ controller, gate, random states) to continue the run from")
     cost_limit: float = 20.0
     """episode cost limit d"""
     online_episodes: Optional[int] = None
@@ -699,18 +703,46 @@ def main(args: Args) -> dict:
         raise InputError("--bc-weight and --lagrangian-init must be >= 0")
     if args.cost_signal == "tests" and args.deploy != "gated":
         raise InputError("--cost-signal tests needs --deploy gated (only the gate runs test episodes)")
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    save_path = args.save_path or os.path.join("runs", run_name, "sac_lag.pt")
-    run_dir = prepare_output_dir(save_path)
     random.seed(args.seed)
     np.random.seed(args.seed)  # also Bullet's reset noise
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    envs = [make_env(args.env_id, args.seed + i) for i in range(args.episodes_per_iter)]
-    eval_env = make_env(args.env_id, args.seed + 10_000)
+    # Bullet's reset keeps the motor targets of the last action (CarRun's wheels and steering), so an episode
+    # starts from where the one before it in the same env stopped: each env remembers its last action for --resume
+    class RememberAction(gym.Wrapper):
+        action = None
+
+        def step(self, action):
+            self.action = action
+            return self.env.step(action)
+
+    envs = [RememberAction(make_env(args.env_id, args.seed + i)) for i in range(args.episodes_per_iter)]
+    eval_env = RememberAction(make_env(args.env_id, args.seed + 10_000))
     obs_dim, act_dim = eval_env.observation_space.shape[0], eval_env.action_space.shape[0]
+    resume = None
+    if args.resume is not None:  # refused before any work unless it continues this very run
+        resume = load_checkpoint(args.resume, args.env_id, obs_dim, act_dim, args.hidden_sizes)
+        if "resume" not in resume or not resume["algo"].endswith("sac_lag"):
+            raise InputError(f"--resume {args.resume}: not a resumable checkpoint (sac_lag_apid.py writes "
+                             f"*_resume.pt)")
+        was, state = resume["args"], resume["resume"]
+        changed = [f"--{k.replace('_', '-')} (was {was.get(k)})" for k, v in asdict(args).items()
+                   if k not in ("exp_name", "track", "wandb_project_name", "cuda", "save_path", "resume")
+                   and was.get(k) != (list(v) if isinstance(v, tuple) else v)]
+        if args.save_path and os.path.abspath(args.save_path) != state["save_path"]:
+            changed.append(f"--save-path (was {state['save_path']})")
+        if state["device"] != device.type:  # RNG states do not carry over between devices
+            changed.append(f"--cuda/--no-cuda (ran on {state['device']})")
+        if changed:
+            raise InputError(f"--resume {args.resume}: these flags differ from the interrupted run's: "
+                             f"{', '.join(changed)}")
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    save_path = args.save_path or (resume["resume"]["save_path"] if resume else
+                                   os.path.join("runs", run_name, "sac_lag.pt"))
+    run_dir = prepare_output_dir(save_path)
+    resume_path = save_path.removesuffix(".pt") + "_resume.pt"
     agent = SACLag(obs_dim, act_dim, args, lrs, alpha).to(device)
     algo = "sac_lag"
     if args.init != "scratch":
@@ -735,10 +767,15 @@ def main(args: Args) -> dict:
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     csv_path = save_path.removesuffix(".pt") + "_progress.csv"
-    csv = open(csv_path, "w")
-    csv.write("episodes,env_steps,return,cost,lambda,kp,ki,kd,violations,cumulative_cost,"
-              "eval_return,eval_cost,eval_normalized_return,eval_normalized_cost,deployments,"
-              "learner_eval_return,learner_eval_cost\n")
+    if resume is None:
+        csv = open(csv_path, "w")
+        csv.write("episodes,env_steps,return,cost,lambda,kp,ki,kd,violations,cumulative_cost,"
+                  "eval_return,eval_cost,eval_normalized_return,eval_normalized_cost,deployments,"
+                  "learner_eval_return,learner_eval_cost\n")
+    else:  # the rows up to the resumed iteration, not those written after it
+        csv = open(csv_path, "r+")
+        csv.truncate(resume["resume"]["csv_bytes"])
+        csv.seek(0, os.SEEK_END)
     # gated deployment: `gate.deployed` runs the episodes, `agent.actor` learns
     gate = DeploymentGate(agent.actor, args.cost_limit, args.gate_max_wait, args.gate_passes,
                           pass_cost=(1 - args.cost_margin) * args.cost_limit) if args.deploy == "gated" else None
@@ -771,61 +808,131 @@ def main(args: Args) -> dict:
             sample = [torch.cat([s, offline[k][idx]]) for s, k in zip(sample, REPLAY_KEYS)]
         return sample
 
-    env_steps = episodes_done = violations = evaluated_at = 0
-    cumulative_cost, interrupted, start = 0.0, False, time.time()
-    first_eval = last_eval = log_eval(0, 0)
+    env_steps = episodes_done = violations = evaluated_at = first_iteration = 0
+    cumulative_cost, held_test_cost, start = 0.0, 0.0, time.time()
+    if resume is None:
+        first_eval = last_eval = log_eval(0, 0)
+    else:  # the state save_resume wrote, in place of the fresh one
+        state = resume["resume"]
+        agent.load(resume)
+        agent.log_alpha.data.copy_(resume["log_alpha"])
+        agent.actor_opt.load_state_dict(resume["optimizers"]["actor"])
+        agent.critics_opt.load_state_dict(resume["optimizers"]["critics"])
+        if agent.alpha_opt is not None:
+            agent.alpha_opt.load_state_dict(state["alpha_opt"])
+        for k, v in state["lagrangian"].items():  # the controller's whole state (its history as a list)
+            setattr(lagrangian, k, deque(v, maxlen=args.pid_delay) if k == "history" else v)
+        if gate:  # the checkpoint's actor is the deployed policy, the learner is kept beside it
+            agent.actor.load_state_dict(resume["learner_actor"])
+            gate.deployed.load_state_dict(resume["actor"])
+            gate.fallback = state["gate_fallback"]
+            for k, v in resume["gate"].items():
+                setattr(gate, k, v)
+        replay.data = {k: torch.cat([v.to(device), replay.data[k][len(v):]]) for k, v in state["replay"].items()}
+        replay.size, replay.pos = state["replay_size"], state["replay_pos"]
+        for env, action in zip([*envs, eval_env], state["env_actions"]):  # the motors where the run left them
+            if action is not None:
+                env.reset()
+                env.step(action.numpy())
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])  # Bullet's reset noise
+        torch.set_rng_state(state["rng"]["torch"])
+        generator.set_state(state["rng"]["sampler"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        (first_iteration, env_steps, episodes_done, violations, evaluated_at, cumulative_cost, held_test_cost,
+         first_eval, last_eval) = (state["counters"][k] for k in (
+            "iteration", "env_steps", "episodes", "violations", "evaluated_at", "cumulative_cost",
+            "held_test_cost", "first_eval", "last_eval"))
     lam = lagrangian.lam  # aPID/PID start at 0 (the offline λ is on another scale); dual/fixed at --lagrangian-init
-    num_iters = math.ceil(online_episodes / args.episodes_per_iter)
-    progress = tqdm(range(num_iters), desc="sac-lag", dynamic_ncols=True)
-    try:
-        for iteration in progress:
-            n = min(args.episodes_per_iter, online_episodes - episodes_done)
-            testing = gate is not None and gate.test_due()
-            runners = [(envs[:1], agent.actor), (envs[1:n], deployed)] if testing else [(envs[:n], deployed)]
-            parts = [collect_episodes(env_group, actor, device) for env_group, actor in runners if env_group]
-            batch = {k: np.concatenate([part[0][k] for part in parts]) for k in REPLAY_KEYS}
-            returns, costs = np.concatenate([part[1] for part in parts]), np.concatenate([part[2] for part in parts])
-            if gate:  # the learner's test episode, when there is one, is the first
-                test = (returns[0], costs[0]) if testing else ()
-                gate.update(agent.actor, returns[len(test) > 0:], costs[len(test) > 0:], *test)
-            replay.add({**batch, "rewards": batch["rewards"] * args.reward_scale})
-            env_steps += len(batch["rewards"])
-            episodes_done += n
-            violations += int((costs > args.cost_limit).sum())
-            cumulative_cost += float(costs.sum())
-            # one controller update per iteration: on the episodes' mean cost, on the critic's estimate of the
-            # learner's, or on the learner's latest test episode (the deployed policy's costs say nothing about the
-            # learner's), held until the next test: after a failed test λ keeps rising while the next test waits.
-            # The first iteration always has a test.
-            if args.cost_signal == "episodes":
-                lam = lagrangian.update(float(costs.mean()))
-            elif args.cost_signal == "critic":
-                lam = lagrangian.update(float(agent.cost_estimate(minibatch()[0])) * to_episode_cost)
-            else:
-                held_test_cost = float(costs[0]) if testing else held_test_cost
-                lam = lagrangian.update(held_test_cost)
 
-            for _ in range(args.updates_per_iter):
-                info = agent.update(*minibatch(), lam=lam)
-            for tag, value in zip(info, torch.stack(list(info.values())).tolist()):  # one sync per iteration
-                writer.add_scalar(tag, value, env_steps)
-            gains = [getattr(lagrangian, k, float("nan")) for k in ("kp", "ki", "kd")]
-            scalars = {"charts/episodic_return": returns.mean(), "charts/episodic_cost": costs.mean(),
-                       "lagrange/lambda": lam, "lagrange/kp": gains[0], "lagrange/ki": gains[1],
-                       "lagrange/kd": gains[2], "charts/online_violations": violations,
-                       "charts/cumulative_cost": cumulative_cost, "charts/SPS": env_steps / (time.time() - start)}
-            for tag, value in scalars.items():
-                writer.add_scalar(tag, value, env_steps)
-            csv.write(f"{episodes_done},{env_steps},{returns.mean():.4f},{costs.mean():.4f},{lam:.6f},"
-                      + ",".join(f"{g:.6g}" for g in gains) + f",{violations},{cumulative_cost:.1f},,,,,"
-                      + (f"{gate.deployments},," if gate else ",,") + "\n")
-            csv.flush()  # a stopped run keeps its progress
-            if episodes_done // args.eval_every > (episodes_done - n) // args.eval_every:
-                last_eval = log_eval(episodes_done, env_steps)
-            progress.set_postfix(ret=f"{returns.mean():.0f}", cost=f"{costs.mean():.1f}", lam=f"{lam:.3f}")
-    except KeyboardInterrupt:  # keep the work done so far (evaluated and saved below); the online phase cannot resume
+    def save_resume(next_iteration: int) -> None:
+        """Everything that carries over to `next_iteration`: --resume continues bit for bit from here."""
+        csv.flush()
+        numpy_state = np.random.get_state()
+        rng = {"python": random.getstate(), "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
+               "torch": torch.get_rng_state(), "sampler": generator.get_state(),
+               "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+        ckpt = agent.checkpoint(args, args.env_id, obs_dim, act_dim, env_steps, algo, lagrangian)
+        if gate:
+            ckpt = {**ckpt, "actor": deployed.state_dict(), "learner_actor": agent.actor.state_dict(),
+                    "gate": {k: v for k, v in vars(gate).items() if isinstance(v, (int, float))}}
+        save_checkpoint(resume_path, {**ckpt, "resume": {
+            "save_path": os.path.abspath(save_path), "device": device.type, "csv_bytes": csv.tell(), "rng": rng,
+            "alpha_opt": agent.alpha_opt.state_dict() if agent.alpha_opt is not None else None,
+            "lagrangian": {k: list(v) if isinstance(v, deque) else v for k, v in vars(lagrangian).items()},
+            "gate_fallback": gate.fallback if gate else None,
+            "replay": {k: v[:replay.size] for k, v in replay.data.items()}, "replay_size": replay.size,
+            "replay_pos": replay.pos,
+            "env_actions": [None if env.action is None else torch.as_tensor(env.action) for env in [*envs, eval_env]],
+            "counters": {"iteration": next_iteration, "env_steps": env_steps, "episodes": episodes_done,
+                         "violations": violations, "evaluated_at": evaluated_at, "cumulative_cost": cumulative_cost,
+                         "held_test_cost": held_test_cost, "first_eval": first_eval, "last_eval": last_eval}}})
+
+    # Ctrl-C stops the run at the end of the current iteration, where its state is whole, and keeps that state for
+    # --resume; the default KeyboardInterrupt would strike in the middle of an episode or an update
+    stop = []
+    default_sigint = signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum))
+    num_iters = math.ceil(online_episodes / args.episodes_per_iter)
+    progress = tqdm(range(first_iteration, num_iters), desc="sac-lag", initial=first_iteration, total=num_iters,
+                    dynamic_ncols=True)
+    for iteration in progress:
+        n = min(args.episodes_per_iter, online_episodes - episodes_done)
+        testing = gate is not None and gate.test_due()
+        runners = [(envs[:1], agent.actor), (envs[1:n], deployed)] if testing else [(envs[:n], deployed)]
+        parts = [collect_episodes(env_group, actor, device) for env_group, actor in runners if env_group]
+        batch = {k: np.concatenate([part[0][k] for part in parts]) for k in REPLAY_KEYS}
+        returns, costs = np.concatenate([part[1] for part in parts]), np.concatenate([part[2] for part in parts])
+        if gate:  # the learner's test episode, when there is one, is the first
+            test = (returns[0], costs[0]) if testing else ()
+            gate.update(agent.actor, returns[len(test) > 0:], costs[len(test) > 0:], *test)
+        replay.add({**batch, "rewards": batch["rewards"] * args.reward_scale})
+        env_steps += len(batch["rewards"])
+        episodes_done += n
+        violations += int((costs > args.cost_limit).sum())
+        cumulative_cost += float(costs.sum())
+        # one controller update per iteration: on the episodes' mean cost, on the critic's estimate of the
+        # learner's, or on the learner's latest test episode (the deployed policy's costs say nothing about the
+        # learner's), held until the next test: after a failed test λ keeps rising while the next test waits.
+        # The first iteration always has a test.
+        if args.cost_signal == "episodes":
+            lam = lagrangian.update(float(costs.mean()))
+        elif args.cost_signal == "critic":
+            lam = lagrangian.update(float(agent.cost_estimate(minibatch()[0])) * to_episode_cost)
+        else:
+            held_test_cost = float(costs[0]) if testing else held_test_cost
+            lam = lagrangian.update(held_test_cost)
+
+        for _ in range(args.updates_per_iter):
+            info = agent.update(*minibatch(), lam=lam)
+        for tag, value in zip(info, torch.stack(list(info.values())).tolist()):  # one sync per iteration
+            writer.add_scalar(tag, value, env_steps)
+        gains = [getattr(lagrangian, k, float("nan")) for k in ("kp", "ki", "kd")]
+        scalars = {"charts/episodic_return": returns.mean(), "charts/episodic_cost": costs.mean(),
+                   "lagrange/lambda": lam, "lagrange/kp": gains[0], "lagrange/ki": gains[1],
+                   "lagrange/kd": gains[2], "charts/online_violations": violations,
+                   "charts/cumulative_cost": cumulative_cost, "charts/SPS": env_steps / (time.time() - start)}
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, env_steps)
+        csv.write(f"{episodes_done},{env_steps},{returns.mean():.4f},{costs.mean():.4f},{lam:.6f},"
+                  + ",".join(f"{g:.6g}" for g in gains) + f",{violations},{cumulative_cost:.1f},,,,,"
+                  + (f"{gate.deployments},," if gate else ",,") + "\n")
+        csv.flush()  # a stopped run keeps its progress
+        if episodes_done // args.eval_every > (episodes_done - n) // args.eval_every:
+            last_eval = log_eval(episodes_done, env_steps)
+            if episodes_done < online_episodes:
+                save_resume(iteration + 1)  # a killed run loses at most --eval-every episodes
+        progress.set_postfix(ret=f"{returns.mean():.0f}", cost=f"{costs.mean():.1f}", lam=f"{lam:.3f}")
+        if stop and episodes_done < online_episodes:
+            save_resume(iteration + 1)
+            break
+    progress.close()
+    signal.signal(signal.SIGINT, default_sigint)
+    interrupted = episodes_done < online_episodes
+    if interrupted:  # keep the policy so far too (evaluated and saved below)
         save_path = save_path.removesuffix(".pt") + "_interrupted.pt"
-        interrupted = True
+    elif os.path.exists(resume_path):
+        os.remove(resume_path)  # the run is complete: nothing left to resume
     if evaluated_at != episodes_done:  # the final evaluation is of the final actor, also after an interrupt
         last_eval = log_eval(episodes_done, env_steps)
     csv.close()
@@ -849,7 +956,7 @@ def main(args: Args) -> dict:
     print(f"checkpoint: {save_path}   progress: {csv_path}")
     if interrupted:
         print(f"sac_lag_apid.py: interrupted after {episodes_done} of {online_episodes} episodes: the policy so far is "
-              f"in {save_path} (the online phase does not resume)", file=sys.stderr)
+              f"in {save_path}; continue with --resume {resume_path}", file=sys.stderr)
     return summary
 
 
@@ -859,3 +966,6 @@ if __name__ == "__main__":
             sys.exit(130)  # the partial run is saved, but it did not finish
     except InputError as e:
         sys.exit(f"sac_lag_apid.py: error: {e}")
+    except KeyboardInterrupt:  # before the online loop's own Ctrl-C handling starts: nothing to save
+        print("sac_lag_apid.py: interrupted before training started", file=sys.stderr)
+        sys.exit(130)

@@ -282,3 +282,39 @@ def test_famo2o_ctrl_c_offline_then_resume_equals_the_uninterrupted_run(dataset,
         assert differing(cut / name, whole / name) <= {"args.save_path", "args.resume"}, name
     for name in ("f_family.csv", "f_progress.csv"):
         assert (cut / name).read_text() == (whole / name).read_text(), name
+
+
+# sac_lag_apid.py: the online run keeps *_resume.pt at every evaluation and on Ctrl-C (replay buffer, λ controller,
+# gate, optimizers, random states, the envs' motors); --resume ends the run as if it had never stopped
+
+
+@pytest.mark.parametrize("extra", [[], ["--paper"]])
+def test_sac_lag_apid_ctrl_c_then_resume_equals_the_uninterrupted_run(extra, dataset, tmp_path):
+    online = ["--no-cuda", "--dataset-path", dataset, "--hidden-sizes", "16", "16", "--online-episodes", "40",
+              "--episodes-per-iter", "2", "--updates-per-iter", "3", "--batch-size", "16", "--eval-every", "10",
+              "--eval-episodes", "1", *extra, "--save-path"]
+    script = os.path.join(ROOT, "sac_lag_apid.py")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    for d in (whole, cut):
+        d.mkdir()
+    proc = subprocess.run([sys.executable, script, *online, str(whole / "s.pt")], capture_output=True, text=True,
+                          cwd=whole, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (whole / "s_resume.pt").exists()  # a finished run leaves nothing to resume
+    resume, stderr = cut / "s_resume.pt", cut / "stderr.txt"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([sys.executable, script, *online, str(cut / "s.pt")], stdout=subprocess.DEVNULL,
+                                stderr=err, cwd=cut)
+        sigint_when(proc, resume.exists)  # after the evaluation at episode 10, at the end of some iteration
+    message = stderr.read_text()
+    assert proc.returncode == 130 and "Traceback" not in message, message[-2000:]
+    state = torch.load(resume, weights_only=True)
+    done = state["resume"]["counters"]["episodes"]
+    assert 10 <= done < 40 and message.strip().splitlines()[-1].endswith(f"continue with --resume {resume}")
+    assert (cut / "s_interrupted.pt").exists()  # the policy so far, for use without resuming
+    proc = subprocess.run([sys.executable, script, *online, str(cut / "s.pt"), "--resume", str(resume)],
+                          capture_output=True, text=True, cwd=cut, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not resume.exists()
+    assert differing(cut / "s.pt", whole / "s.pt") <= {"args.save_path", "args.resume"}
+    assert (cut / "s_progress.csv").read_text() == (whole / "s_progress.csv").read_text()
