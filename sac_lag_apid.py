@@ -117,6 +117,14 @@ class Args:
     bc_weight: float = 0.4
     ("w > 0: actor loss α log π − (min Q − λQc)/ν + w‖ã − a‖² with ν = mean|min Q − λQc| and a the minibatch's "
      "actions (TD3+BC-style, anchored to the replay's actions); 0: the paper's SAC-Lag actor")
+    bc_target: Literal["replay", "deployed"] = "replay"
+    ("the anchor's target a in w‖ã − a‖²: the minibatch's actions (`replay`), or the deployed policy's mean action "
+     "tanh μ_dep(s) (`deployed`: a trust region round the last policy that passed a test)")
+    bc_growth: float = 1.0
+    ("g > 1: after each learner test over the controller's target (1 − m)·d the anchor weight is multiplied by g, "
+     "after each one at or under it divided by g, within [--bc-weight, --bc-weight-max] (1: a constant weight)")
+    bc_weight_max: float = 100.0
+    """upper bound of the anchor weight with --bc-growth"""
     deploy: Literal["learner", "gated"] = "gated"
     ("who collects the online episodes: the learner (the paper), or `gated`: the last policy that passed a test "
      "episode (cost at most (1 − margin)·d, return at least that of the deployed policy's safe episodes)")
@@ -469,6 +477,15 @@ class FixedLagrangian:
         return {"kind": "fixed", "lam": self.lam}
 
 
+def next_bc_weight(weight: float, test_cost: float, args: Args) -> float:
+    """--bc-growth g: the anchor weight after a learner test, w·g if the test cost more than the controller's
+    target (1 − m)·d, else w/g, kept within [--bc-weight, --bc-weight-max]: the learner is held closer to the
+    deployed policy while its tests fail and let go as they pass."""
+    if test_cost > (1 - args.cost_margin) * args.cost_limit:
+        return min(weight * args.bc_growth, args.bc_weight_max)
+    return max(weight / args.bc_growth, args.bc_weight)
+
+
 def make_lagrangian(args: Args):
     target = (1 - args.cost_margin) * args.cost_limit  # the cost the controller steers to (see --cost-margin)
     if args.lagrangian in ("apid", "pid"):
@@ -594,6 +611,7 @@ class SACLag(nn.Module):
         self.cost_critic_target.load_state_dict(self.cost_critic.state_dict())
         self.log_alpha = nn.Parameter(torch.tensor(math.log(alpha)), requires_grad=args.autotune)
         self.target_entropy = -float(act_dim)
+        self.bc_weight = args.bc_weight  # the anchor weight w, which --bc-growth moves after each test
         actor_lr, critic_lr, cost_critic_lr = lrs
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=actor_lr)
         # both critics in one optimizer (two lrs): their losses are independent, so one backward serves both
@@ -622,9 +640,10 @@ class SACLag(nn.Module):
             y_c = cost + self.args.gamma * (1 - term) * next_qc
         return y, y_c
 
-    def actor_loss(self, obs, act, lam: float):
+    def actor_loss(self, obs, act, lam: float, anchor: Optional[nn.Module] = None):
         """L_π = mean(α log π(ã|s) − min Q(s,ã) + λ Qc(s,ã)) with the online critics, or with --bc-weight w > 0
-        L_π = mean(α log π(ã|s) − (min Q − λQc)(s,ã)/ν + w‖ã − a‖²), ν = mean|min Q − λQc| (no gradient through ν)."""
+        L_π = mean(α log π(ã|s) − (min Q − λQc)(s,ã)/ν + w‖ã − a‖²), ν = mean|min Q − λQc| (no gradient through ν),
+        a the minibatch's action or, given an `anchor` policy (--bc-target deployed), its mean action tanh μ(s)."""
         new_act, log_prob = self.actor(obs)
         q = self.critic(obs, new_act).min(0).values
         qc = self.cost_critic(obs, new_act)[0]
@@ -633,15 +652,18 @@ class SACLag(nn.Module):
         # the value term in units of its own mean magnitude, so w means the same for every task and reward scale
         value = q - lam * qc
         value = value / value.abs().mean().detach().clamp_min(1e-6)
+        if anchor is not None:
+            with torch.no_grad():
+                act = anchor(obs, deterministic=True)[0]
         bc = (new_act - act).pow(2).sum(-1)
-        return (self.log_alpha.exp().detach() * log_prob - value + self.args.bc_weight * bc).mean(), log_prob, qc
+        return (self.log_alpha.exp().detach() * log_prob - value + self.bc_weight * bc).mean(), log_prob, qc
 
     @torch.no_grad()
     def cost_estimate(self, obs) -> torch.Tensor:
         """mean Qc(s, ã), ã ~ π(s): the cost critic's per-step discounted cost-to-go of the learner."""
         return self.cost_critic(obs, self.actor(obs)[0])[0].mean()
 
-    def update(self, obs, act, reward, cost, next_obs, term, lam: float) -> dict:
+    def update(self, obs, act, reward, cost, next_obs, term, lam: float, anchor: Optional[nn.Module] = None) -> dict:
         y, y_c = self.critic_targets(reward, cost, next_obs, term)
         critic_loss = F.mse_loss(self.critic(obs, act), y.expand(2, -1), reduction="none").mean(1).sum()
         cost_critic_loss = F.mse_loss(self.cost_critic(obs, act)[0], y_c)
@@ -651,7 +673,7 @@ class SACLag(nn.Module):
 
         self.critic.requires_grad_(False)  # the actor step needs gradients w.r.t. actions only
         self.cost_critic.requires_grad_(False)
-        actor_loss, log_prob, qc = self.actor_loss(obs, act, lam)
+        actor_loss, log_prob, qc = self.actor_loss(obs, act, lam, anchor)
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_opt.step()
@@ -703,6 +725,11 @@ def main(args: Args) -> dict:
         raise InputError("--bc-weight and --lagrangian-init must be >= 0")
     if args.cost_signal == "tests" and args.deploy != "gated":
         raise InputError("--cost-signal tests needs --deploy gated (only the gate runs test episodes)")
+    if args.bc_growth < 1 or args.bc_weight_max < args.bc_weight:
+        raise InputError(f"need --bc-growth >= 1 and --bc-weight-max >= --bc-weight, got {args.bc_growth}, "
+                         f"{args.bc_weight_max} and {args.bc_weight}")
+    if (args.bc_target == "deployed" or args.bc_growth > 1) and args.deploy != "gated":
+        raise InputError("--bc-target deployed and --bc-growth need --deploy gated (the gate's tests and policy)")
     random.seed(args.seed)
     np.random.seed(args.seed)  # also Bullet's reset noise
     torch.manual_seed(args.seed)
@@ -780,6 +807,7 @@ def main(args: Args) -> dict:
     gate = DeploymentGate(agent.actor, args.cost_limit, args.gate_max_wait, args.gate_passes,
                           pass_cost=(1 - args.cost_margin) * args.cost_limit) if args.deploy == "gated" else None
     deployed = gate.deployed if gate else agent.actor
+    anchor = deployed if args.bc_target == "deployed" else None  # the anchor's target policy (--bc-target)
     # the critic's per-step discounted cost-to-go in episode-cost units: Qc·(1−γ)T/(1−γ^T) (inverse of q_thres)
     horizon = eval_env.spec.max_episode_steps
     to_episode_cost = (1 - args.gamma) * horizon / (1 - args.gamma ** horizon)
@@ -844,6 +872,7 @@ def main(args: Args) -> dict:
          first_eval, last_eval) = (state["counters"][k] for k in (
             "iteration", "env_steps", "episodes", "violations", "evaluated_at", "cumulative_cost",
             "held_test_cost", "first_eval", "last_eval"))
+        agent.bc_weight = state["counters"]["bc_weight"]
     lam = lagrangian.lam  # aPID/PID start at 0 (the offline λ is on another scale); dual/fixed at --lagrangian-init
 
     def save_resume(next_iteration: int) -> None:
@@ -867,7 +896,8 @@ def main(args: Args) -> dict:
             "env_actions": [None if env.action is None else torch.as_tensor(env.action) for env in [*envs, eval_env]],
             "counters": {"iteration": next_iteration, "env_steps": env_steps, "episodes": episodes_done,
                          "violations": violations, "evaluated_at": evaluated_at, "cumulative_cost": cumulative_cost,
-                         "held_test_cost": held_test_cost, "first_eval": first_eval, "last_eval": last_eval}}})
+                         "held_test_cost": held_test_cost, "first_eval": first_eval, "last_eval": last_eval,
+                         "bc_weight": agent.bc_weight}}})
 
     # Ctrl-C stops the run at the end of the current iteration, where its state is whole, and keeps that state for
     # --resume; the default KeyboardInterrupt would strike in the middle of an episode or an update
@@ -886,6 +916,8 @@ def main(args: Args) -> dict:
         if gate:  # the learner's test episode, when there is one, is the first
             test = (returns[0], costs[0]) if testing else ()
             gate.update(agent.actor, returns[len(test) > 0:], costs[len(test) > 0:], *test)
+            if testing:
+                agent.bc_weight = next_bc_weight(agent.bc_weight, float(costs[0]), args)
         replay.add({**batch, "rewards": batch["rewards"] * args.reward_scale})
         env_steps += len(batch["rewards"])
         episodes_done += n
@@ -904,13 +936,14 @@ def main(args: Args) -> dict:
             lam = lagrangian.update(held_test_cost)
 
         for _ in range(args.updates_per_iter):
-            info = agent.update(*minibatch(), lam=lam)
+            info = agent.update(*minibatch(), lam=lam, anchor=anchor)
         for tag, value in zip(info, torch.stack(list(info.values())).tolist()):  # one sync per iteration
             writer.add_scalar(tag, value, env_steps)
         gains = [getattr(lagrangian, k, float("nan")) for k in ("kp", "ki", "kd")]
         scalars = {"charts/episodic_return": returns.mean(), "charts/episodic_cost": costs.mean(),
                    "lagrange/lambda": lam, "lagrange/kp": gains[0], "lagrange/ki": gains[1],
-                   "lagrange/kd": gains[2], "charts/online_violations": violations,
+                   "lagrange/kd": gains[2], "charts/bc_weight": agent.bc_weight,
+                   "charts/online_violations": violations,
                    "charts/cumulative_cost": cumulative_cost, "charts/SPS": env_steps / (time.time() - start)}
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, env_steps)

@@ -95,6 +95,33 @@ def test_bc_term_pulls_the_actor_to_the_data_actions():
     assert gap() < before / 3
 
 
+def test_anchor_to_the_deployed_policy_by_hand():
+    """--bc-target deployed: the anchor's target is the anchor policy's mean action tanh μ(s), not the batch's."""
+    agent = tiny_agent(bc_weight=0.4)
+    anchor = sl.Actor(OBS_DIM, ACT_DIM, (16, 16))
+    obs, data_act = torch.randn(8, OBS_DIM), torch.rand(8, ACT_DIM) * 2 - 1
+    torch.manual_seed(5)
+    loss, *_ = agent.actor_loss(obs, data_act, 0.7, anchor)
+    torch.manual_seed(5)
+    act, logp = agent.actor(obs)
+    value = agent.critic(obs, act).min(0).values - 0.7 * agent.cost_critic(obs, act)[0]
+    target = torch.tanh(anchor.mu(anchor.trunk(obs)))
+    expected = (0.1 * logp - value / value.abs().mean() + 0.4 * ((act - target) ** 2).sum(-1)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is None for p in anchor.parameters())  # the anchor is a fixed target
+
+
+def test_bc_weight_grows_after_failed_tests_and_shrinks_after_passes():
+    args = sl.Args(bc_weight=0.4, bc_growth=2.0, bc_weight_max=3.0, cost_limit=20.0, cost_margin=0.5)
+    w = 0.4
+    for test_cost, expected in [(15.0, 0.8), (30.0, 1.6), (10.5, 3.0), (11.0, 3.0),  # over (1 − m)·d = 10: ×2, ≤ 3
+                                (10.0, 1.5), (0.0, 0.75), (5.0, 0.4), (0.0, 0.4)]:  # at or under 10: ÷2, ≥ 0.4
+        w = sl.next_bc_weight(w, test_cost, args)
+        assert w == pytest.approx(expected)
+    assert sl.next_bc_weight(0.4, 50.0, sl.Args(bc_weight=0.4)) == 0.4  # --bc-growth 1: a constant weight
+
+
 def test_value_normalisation_makes_the_loss_scale_free():
     """Scaling both critics by k changes nothing in the bc form: the weight means the same on every task."""
     obs, data_act = torch.randn(8, OBS_DIM), torch.rand(8, ACT_DIM) * 2 - 1
@@ -269,12 +296,24 @@ sl.main(tyro.cli(sl.Args))
     assert ckpt["gate"]["tests"] == 1 and len(ckpt["lagrange"]["history"]) == 1 + 4
 
 
+def test_cli_anchor_to_the_deployed_policy_runs_and_logs_its_weight(tmp_path, dataset_file):
+    proc = cli("--bc-target", "deployed", "--bc-growth", "2", "--dataset-path", dataset_file,
+               "--save-path", str(tmp_path / "s.pt"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert ckpt["args"]["bc_target"] == "deployed" and ckpt["gate"]["tests"] >= 1
+
+
 @pytest.mark.parametrize("flags, message", [(["--bc-weight", "-1"], "--bc-weight"),
                                             (["--gate-max-wait", "0"], ">= 1"),
                                             (["--gate-passes", "0"], "--gate-passes"),
                                             (["--lagrangian-init", "-1"], "--lagrangian-init"),
                                             (["--deploy", "learner"], "--deploy gated"),
-                                            (["--cost-margin", "1"], "--cost-margin")])
+                                            (["--cost-margin", "1"], "--cost-margin"),
+                                            (["--bc-growth", "0.5"], "--bc-growth"),
+                                            (["--bc-weight-max", "0.1"], "--bc-weight-max"),
+                                            (["--bc-target", "deployed", "--deploy", "learner",
+                                              "--cost-signal", "episodes"], "--bc-target deployed")])
 def test_cli_refuses_bad_mechanism_flags(tmp_path, flags, message):
     proc = cli(*flags, cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and message in proc.stderr
