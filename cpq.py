@@ -297,6 +297,30 @@ def to_cpu(value):
     return value
 
 
+def flag_rules(args, counts: Tuple[str, ...] = (), rates: Tuple[str, ...] = (), common: bool = True) -> list:
+    """The rules every file shares, as (flag, value, holds, what it must be): the fields named in `counts` are whole
+    numbers >= 1, those in `rates` > 0 (None: a per-env default, filled in later), and (`common`) where the file has
+    them the cost limit is >= 0, 0 < γ < 1, 0 < τ <= 1 and every hidden layer has a unit."""
+    rules = [(name, getattr(args, name), getattr(args, name) >= 1, ">= 1") for name in counts]
+    rules += [(name, getattr(args, name), getattr(args, name) is None or getattr(args, name) > 0, "> 0")
+              for name in rates]
+    for name, holds, must in () if not common else (("cost_limit", lambda v: v >= 0, ">= 0 (an episode's cost is a sum of costs >= 0)"),
+                              ("gamma", lambda v: 0 < v < 1, "in (0, 1)"), ("tau", lambda v: 0 < v <= 1, "in (0, 1]"),
+                              ("hidden_sizes", lambda v: len(v) > 0 and min(v) >= 1, "one or more sizes >= 1")):
+        if hasattr(args, name):
+            rules.append((name, getattr(args, name), holds(getattr(args, name)), must))
+    return rules
+
+
+def refuse_bad_flags(rules: list) -> None:
+    """`rules` as flag_rules makes them, in order: the first that does not hold is refused in one line that names its
+    flag, before any work starts."""
+    for name, value, holds, must in rules:
+        if not holds:
+            value = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+            raise InputError(f"--{name.replace('_', '-')} {value}: must be {must}")
+
+
 def prepare_output_dir(path: str) -> str:
     """Create the folder that will hold `path` and prove it writable before any work starts (one-line error if not).
     Returns the folder: the run's checkpoints, progress CSV and TensorBoard events all go there."""
@@ -523,11 +547,18 @@ def is_better(result: dict, best: Optional[dict]) -> bool:
     return result["return"] > best["return"] if safe else result["cost"] < best["cost"]
 
 
+def check_args(args: Args) -> None:
+    """Every rule on this file's flags, before any work: one line naming the first flag that breaks its rule."""
+    refuse_bad_flags(flag_rules(args, counts=("total_steps", "batch_size", "eval_every", "eval_episodes", "vae_hidden",
+                                              "num_ood_samples"),
+                                rates=("actor_lr", "critic_lr", "vae_lr", "alpha_lr", "reward_scale")) + [
+        ("ood_quantile", args.ood_quantile, 0 <= args.ood_quantile < 1, "in [0, 1)"),
+        ("kl_weight", args.kl_weight, args.kl_weight >= 0, ">= 0"),
+        ("qc_thres_factor", args.qc_thres_factor, args.qc_thres_factor > 0, "> 0")])
+
+
 def main(args: Args) -> dict:
-    if args.total_steps < 1 or args.batch_size < 1 or args.eval_every < 1 or args.eval_episodes < 1:
-        raise InputError("--total-steps, --batch-size, --eval-every and --eval-episodes must be >= 1")
-    if args.cost_limit < 0:
-        raise InputError(f"--cost-limit {args.cost_limit}: must be >= 0 (an episode's cost is a sum of costs >= 0)")
+    check_args(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

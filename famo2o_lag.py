@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Optional, Tuple
 
 os.environ.setdefault("DSRL_SUPPRESS_IMPORT_ERROR", "1")  # dsrl warns about suites we do not install
@@ -356,6 +356,30 @@ def to_cpu(value):
     if isinstance(value, (list, tuple)):
         return type(value)(to_cpu(v) for v in value)
     return value
+
+
+def flag_rules(args, counts: Tuple[str, ...] = (), rates: Tuple[str, ...] = (), common: bool = True) -> list:
+    """The rules every file shares, as (flag, value, holds, what it must be): the fields named in `counts` are whole
+    numbers >= 1, those in `rates` > 0 (None: a per-env default, filled in later), and (`common`) where the file has
+    them the cost limit is >= 0, 0 < γ < 1, 0 < τ <= 1 and every hidden layer has a unit."""
+    rules = [(name, getattr(args, name), getattr(args, name) >= 1, ">= 1") for name in counts]
+    rules += [(name, getattr(args, name), getattr(args, name) is None or getattr(args, name) > 0, "> 0")
+              for name in rates]
+    for name, holds, must in () if not common else (("cost_limit", lambda v: v >= 0, ">= 0 (an episode's cost is a sum of costs >= 0)"),
+                              ("gamma", lambda v: 0 < v < 1, "in (0, 1)"), ("tau", lambda v: 0 < v <= 1, "in (0, 1]"),
+                              ("hidden_sizes", lambda v: len(v) > 0 and min(v) >= 1, "one or more sizes >= 1")):
+        if hasattr(args, name):
+            rules.append((name, getattr(args, name), holds(getattr(args, name)), must))
+    return rules
+
+
+def refuse_bad_flags(rules: list) -> None:
+    """`rules` as flag_rules makes them, in order: the first that does not hold is refused in one line that names its
+    flag, before any work starts."""
+    for name, value, holds, must in rules:
+        if not holds:
+            value = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+            raise InputError(f"--{name.replace('_', '-')} {value}: must be {must}")
 
 
 def prepare_output_dir(path: str) -> str:
@@ -835,6 +859,22 @@ def online_phase(args: Args, agent: FamO2OLag, env: gym.Env, writer: SummaryWrit
             "checkpoint": save_path, "progress": csv_path, "wall_seconds": time.time() - start}
 
 
+def check_args(args: Args) -> None:
+    """Every rule on this file's flags (per-env defaults filled in), before any work: one line naming the first flag
+    that breaks its rule (the β range is checked in main)."""
+    refuse_bad_flags(flag_rules(args, counts=("offline_steps", "batch_size", "eval_every", "eval_episodes",
+                                              "episodes_per_iter", "updates_per_iter", "online_batch_size",
+                                              "online_eval_every"),
+                                rates=("alpha", "balance_alpha", "balance_lr", "balance_alpha_lr", "offline_actor_lr",
+                                       "offline_critic_lr", "actor_lr", "critic_lr", "cost_critic_lr", "reward_scale"))
+                     + [("online_episodes", args.online_episodes, args.online_episodes >= 0, ">= 0"),
+                        ("lambda_lr", args.lambda_lr, args.lambda_lr >= 0, ">= 0 (0: λ stays at --lambda-init)"),
+                        ("lambda_init", args.lambda_init, args.lambda_init >= 0, ">= 0"),
+                        ("balance_hidden_sizes", args.balance_hidden_sizes,
+                         len(args.balance_hidden_sizes) > 0 and min(args.balance_hidden_sizes) >= 1,
+                         "one or more sizes >= 1")])
+
+
 def main(args: Args) -> dict:
     if args.env_id not in ENV_DEFAULTS:
         raise InputError(f"--env-id {args.env_id}: no online defaults; choose one of {sorted(ENV_DEFAULTS)}")
@@ -843,12 +883,8 @@ def main(args: Args) -> dict:
                 zip((args.actor_lr, args.critic_lr, args.cost_critic_lr), (actor_lr, critic_lr, cost_critic_lr)))
     alpha = args.alpha if args.alpha is not None else alpha
     online_episodes = args.online_episodes if args.online_episodes is not None else episodes
-    if min(args.offline_steps, args.batch_size, args.eval_every, args.eval_episodes, args.episodes_per_iter,
-           args.updates_per_iter, args.online_batch_size, args.online_eval_every) < 1 or online_episodes < 0:
-        raise InputError("budgets, sizes and intervals must be >= 1 (--online-episodes >= 0)")
-    if min(alpha, args.balance_alpha) <= 0 or min(args.lambda_lr, args.lambda_init, args.cost_limit) < 0:
-        raise InputError("need --alpha > 0, --balance-alpha > 0, --lambda-lr >= 0, --lambda-init >= 0 and "
-                         "--cost-limit >= 0")
+    check_args(replace(args, actor_lr=lrs[0], critic_lr=lrs[1], cost_critic_lr=lrs[2], alpha=alpha,
+                       online_episodes=online_episodes))
     if not 0 <= args.beta_min < args.beta_max:
         raise InputError(f"need 0 <= --beta-min < --beta-max, got {args.beta_min} and {args.beta_max}")
     outside = [b for b in args.family_betas if not args.beta_min <= b <= args.beta_max]

@@ -431,6 +431,47 @@ def to_cpu(value):
     return value
 
 
+def flag_rules(args, counts: Tuple[str, ...] = (), rates: Tuple[str, ...] = (), common: bool = True) -> list:
+    """The rules every file shares, as (flag, value, holds, what it must be): the fields named in `counts` are whole
+    numbers >= 1, those in `rates` > 0 (None: a per-env default, filled in later), and (`common`) where the file has
+    them the cost limit is >= 0, 0 < γ < 1, 0 < τ <= 1 and every hidden layer has a unit."""
+    rules = [(name, getattr(args, name), getattr(args, name) >= 1, ">= 1") for name in counts]
+    rules += [(name, getattr(args, name), getattr(args, name) is None or getattr(args, name) > 0, "> 0")
+              for name in rates]
+    for name, holds, must in () if not common else (("cost_limit", lambda v: v >= 0, ">= 0 (an episode's cost is a sum of costs >= 0)"),
+                              ("gamma", lambda v: 0 < v < 1, "in (0, 1)"), ("tau", lambda v: 0 < v <= 1, "in (0, 1]"),
+                              ("hidden_sizes", lambda v: len(v) > 0 and min(v) >= 1, "one or more sizes >= 1")):
+        if hasattr(args, name):
+            rules.append((name, getattr(args, name), holds(getattr(args, name)), must))
+    return rules
+
+
+def online_flag_rules(args) -> list:
+    """The online phase's rules (sac_lag_apid.py and stage 3 of marvel_full.py), on flags with their per-env
+    defaults filled in."""
+    return flag_rules(args, counts=("online_episodes", "episodes_per_iter", "updates_per_iter", "batch_size",
+                                    "eval_every", "eval_episodes", "gate_max_wait", "gate_passes", "pid_delay"),
+                      rates=("actor_lr", "critic_lr", "cost_critic_lr", "alpha", "alpha_lr", "dual_lr",
+                             "reward_scale"), common=False) + [
+        ("offline_ratio", args.offline_ratio, 0 <= args.offline_ratio < 1, "in [0, 1)"),
+        ("cost_margin", args.cost_margin, 0 <= args.cost_margin < 1, "in [0, 1)"),
+        ("pid_ema", args.pid_ema, 0 <= args.pid_ema < 1, "in [0, 1)"),
+        *((name, getattr(args, name), getattr(args, name) >= 0, ">= 0")
+          for name in ("bc_weight", "lagrangian_init", "kp", "ki", "kd")),
+        ("adapt_rates", args.adapt_rates, min(args.adapt_rates) >= 0, "three rates >= 0"),
+        ("bc_growth", args.bc_growth, args.bc_growth >= 1, ">= 1 (1: a constant anchor weight)"),
+        ("bc_weight_max", args.bc_weight_max, args.bc_weight_max >= args.bc_weight, ">= --bc-weight")]
+
+
+def refuse_bad_flags(rules: list) -> None:
+    """`rules` as flag_rules makes them, in order: the first that does not hold is refused in one line that names its
+    flag, before any work starts."""
+    for name, value, holds, must in rules:
+        if not holds:
+            value = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+            raise InputError(f"--{name.replace('_', '-')} {value}: must be {must}")
+
+
 def prepare_output_dir(path: str) -> str:
     """Create the folder that will hold `path` and prove it writable before any work starts (one-line error if not).
     Returns the folder: the run's checkpoints, progress CSV and TensorBoard events all go there."""
@@ -1302,6 +1343,28 @@ def finetune(args: Args, init: Optional[dict], data: Optional[dict], writer: Sum
             "episodes": episodes_done, "lambda": lam, "interrupted": interrupted, "checkpoint": save_path}
 
 
+def check_args(args: Args) -> None:
+    """Every rule on the flags (per-env defaults filled in), before any work: one line naming the first flag that
+    breaks its rule, the same rules as the standalone files'; then the combinations."""
+    refuse_bad_flags(
+        flag_rules(args, counts=("offline_steps", "offline_batch_size", "offline_eval_every", "vae_hidden",
+                                 "num_ood_samples", "vpa_steps", "vpa_batch_size"),
+                   rates=("offline_actor_lr", "offline_critic_lr", "vae_lr", "alpha_c_lr", "qc_thres_factor",
+                          "alpha_vpa"))
+        + online_flag_rules(args) + [
+            ("first_look", args.first_look, args.first_look >= 0, ">= 0 (0: none)"),
+            ("offline_cost_limit", args.offline_cost_limit,
+             args.offline_cost_limit is None or args.offline_cost_limit >= 0, ">= 0"),
+            ("ood_quantile", args.ood_quantile, 0 <= args.ood_quantile < 1, "in [0, 1)"),
+            ("kl_weight", args.kl_weight, args.kl_weight >= 0, ">= 0"),
+            ("alpha_c_vpa", args.alpha_c_vpa, 0 <= args.alpha_c_vpa < args.alpha_vpa,
+             ">= 0 and < --alpha-vpa (the paper's condition)")])
+    if args.cost_signal == "tests" and args.deploy != "gated":
+        raise InputError("--cost-signal tests needs --deploy gated (only the gate runs test episodes)")
+    if (args.bc_target == "deployed" or args.bc_growth > 1) and args.deploy != "gated":
+        raise InputError("--bc-target deployed and --bc-growth need --deploy gated (the gate's tests and policy)")
+
+
 def resolve_defaults(args: Args) -> Args:
     """Per-env online defaults (ENV_DEFAULTS) and the VPA α defaults of vpa.py, --paper; checks the flags."""
     if args.paper:
@@ -1316,33 +1379,7 @@ def resolve_defaults(args: Args) -> Args:
                    alpha=args.alpha if args.alpha is not None else alpha, alpha_vpa=alpha_vpa,
                    alpha_c_vpa=args.alpha_c_vpa if args.alpha_c_vpa is not None else alpha_vpa / 2,
                    online_episodes=args.online_episodes if args.online_episodes is not None else episodes)
-    budgets = [args.offline_steps, args.offline_batch_size, args.offline_eval_every, args.vpa_steps,
-               args.vpa_batch_size, args.episodes_per_iter, args.updates_per_iter, args.batch_size,
-               args.eval_every, args.eval_episodes, args.online_episodes]
-    if min(budgets) < 1 or args.alpha <= 0:
-        raise InputError("budgets, sizes and intervals must be >= 1 and --alpha > 0")
-    if args.first_look < 0:
-        raise InputError(f"--first-look {args.first_look}: must be >= 0 (0: none)")
-    if args.bc_weight < 0 or args.lagrangian_init < 0 or min(args.gate_max_wait, args.gate_passes) < 1 \
-            or not 0 <= args.offline_ratio < 1 or not 0 <= args.cost_margin < 1:
-        raise InputError("need --bc-weight >= 0, --lagrangian-init >= 0, --gate-max-wait >= 1, --gate-passes >= 1, "
-                         "0 <= --offline-ratio < 1 and 0 <= --cost-margin < 1")
-    if args.cost_signal == "tests" and args.deploy != "gated":
-        raise InputError("--cost-signal tests needs --deploy gated (only the gate runs test episodes)")
-    if args.bc_growth < 1 or args.bc_weight_max < args.bc_weight:
-        raise InputError(f"need --bc-growth >= 1 and --bc-weight-max >= --bc-weight, got {args.bc_growth}, "
-                         f"{args.bc_weight_max} and {args.bc_weight}")
-    if (args.bc_target == "deployed" or args.bc_growth > 1) and args.deploy != "gated":
-        raise InputError("--bc-target deployed and --bc-growth need --deploy gated (the gate's tests and policy)")
-    if min(args.cost_limit, args.cost_limit if args.offline_cost_limit is None else args.offline_cost_limit) < 0:
-        raise InputError("--cost-limit and --offline-cost-limit must be >= 0")
-    if not (0 <= args.ood_quantile < 1 and args.num_ood_samples >= 1 and args.hidden_sizes and args.pid_delay >= 1
-            and 0 <= args.pid_ema < 1 and 0 < args.tau <= 1 and 0 < args.gamma < 1):
-        raise InputError("need 0 <= --ood-quantile < 1, --num-ood-samples >= 1, --hidden-sizes non-empty, "
-                         "--pid-delay >= 1, 0 <= --pid-ema < 1, 0 < --tau <= 1 and 0 < --gamma < 1")
-    if not 0 <= args.alpha_c_vpa < args.alpha_vpa:
-        raise InputError(f"need 0 <= --alpha-c-vpa < --alpha-vpa (the paper's condition), got "
-                         f"{args.alpha_c_vpa} and {args.alpha_vpa}")
+    check_args(args)
     if args.offline_checkpoint and not args.pretrain:
         raise InputError("--offline-checkpoint and --no-pretrain contradict each other")
     return args

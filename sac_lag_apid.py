@@ -368,6 +368,47 @@ def to_cpu(value):
     return value
 
 
+def flag_rules(args, counts: Tuple[str, ...] = (), rates: Tuple[str, ...] = (), common: bool = True) -> list:
+    """The rules every file shares, as (flag, value, holds, what it must be): the fields named in `counts` are whole
+    numbers >= 1, those in `rates` > 0 (None: a per-env default, filled in later), and (`common`) where the file has
+    them the cost limit is >= 0, 0 < γ < 1, 0 < τ <= 1 and every hidden layer has a unit."""
+    rules = [(name, getattr(args, name), getattr(args, name) >= 1, ">= 1") for name in counts]
+    rules += [(name, getattr(args, name), getattr(args, name) is None or getattr(args, name) > 0, "> 0")
+              for name in rates]
+    for name, holds, must in () if not common else (("cost_limit", lambda v: v >= 0, ">= 0 (an episode's cost is a sum of costs >= 0)"),
+                              ("gamma", lambda v: 0 < v < 1, "in (0, 1)"), ("tau", lambda v: 0 < v <= 1, "in (0, 1]"),
+                              ("hidden_sizes", lambda v: len(v) > 0 and min(v) >= 1, "one or more sizes >= 1")):
+        if hasattr(args, name):
+            rules.append((name, getattr(args, name), holds(getattr(args, name)), must))
+    return rules
+
+
+def online_flag_rules(args) -> list:
+    """The online phase's rules (sac_lag_apid.py and stage 3 of marvel_full.py), on flags with their per-env
+    defaults filled in."""
+    return flag_rules(args, counts=("online_episodes", "episodes_per_iter", "updates_per_iter", "batch_size",
+                                    "eval_every", "eval_episodes", "gate_max_wait", "gate_passes", "pid_delay"),
+                      rates=("actor_lr", "critic_lr", "cost_critic_lr", "alpha", "alpha_lr", "dual_lr",
+                             "reward_scale"), common=False) + [
+        ("offline_ratio", args.offline_ratio, 0 <= args.offline_ratio < 1, "in [0, 1)"),
+        ("cost_margin", args.cost_margin, 0 <= args.cost_margin < 1, "in [0, 1)"),
+        ("pid_ema", args.pid_ema, 0 <= args.pid_ema < 1, "in [0, 1)"),
+        *((name, getattr(args, name), getattr(args, name) >= 0, ">= 0")
+          for name in ("bc_weight", "lagrangian_init", "kp", "ki", "kd")),
+        ("adapt_rates", args.adapt_rates, min(args.adapt_rates) >= 0, "three rates >= 0"),
+        ("bc_growth", args.bc_growth, args.bc_growth >= 1, ">= 1 (1: a constant anchor weight)"),
+        ("bc_weight_max", args.bc_weight_max, args.bc_weight_max >= args.bc_weight, ">= --bc-weight")]
+
+
+def refuse_bad_flags(rules: list) -> None:
+    """`rules` as flag_rules makes them, in order: the first that does not hold is refused in one line that names its
+    flag, before any work starts."""
+    for name, value, holds, must in rules:
+        if not holds:
+            value = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+            raise InputError(f"--{name.replace('_', '-')} {value}: must be {must}")
+
+
 def prepare_output_dir(path: str) -> str:
     """Create the folder that will hold `path` and prove it writable before any work starts (one-line error if not).
     Returns the folder: the run's checkpoints, progress CSV and TensorBoard events all go there."""
@@ -704,6 +745,16 @@ class SACLag(nn.Module):
                 "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(args).items()}}
 
 
+def check_args(args: Args) -> None:
+    """Every rule on this file's flags (per-env defaults filled in), before any work: one line naming the first flag
+    that breaks its rule; then the combinations the gate needs."""
+    refuse_bad_flags(flag_rules(args) + online_flag_rules(args))
+    if args.cost_signal == "tests" and args.deploy != "gated":
+        raise InputError("--cost-signal tests needs --deploy gated (only the gate runs test episodes)")
+    if (args.bc_target == "deployed" or args.bc_growth > 1) and args.deploy != "gated":
+        raise InputError("--bc-target deployed and --bc-growth need --deploy gated (the gate's tests and policy)")
+
+
 def main(args: Args) -> dict:
     if args.paper:
         args = replace(args, **PAPER_ONLINE)
@@ -714,22 +765,8 @@ def main(args: Args) -> dict:
                 zip((args.actor_lr, args.critic_lr, args.cost_critic_lr), (actor_lr, critic_lr, cost_critic_lr)))
     alpha = args.alpha if args.alpha is not None else alpha
     online_episodes = args.online_episodes if args.online_episodes is not None else episodes
-    if min(online_episodes, args.episodes_per_iter, args.updates_per_iter, args.batch_size, args.eval_every,
-           args.eval_episodes, args.gate_max_wait, args.gate_passes) < 1 or alpha <= 0 \
-            or not 0 <= args.offline_ratio < 1 or not 0 <= args.cost_margin < 1:
-        raise InputError("budgets and sizes (also --gate-max-wait, --gate-passes) must be >= 1, --alpha > 0, "
-                         "0 <= --offline-ratio < 1 and 0 <= --cost-margin < 1")
-    if args.cost_limit < 0:
-        raise InputError(f"--cost-limit {args.cost_limit}: must be >= 0 (an episode's cost is a sum of costs >= 0)")
-    if args.bc_weight < 0 or args.lagrangian_init < 0:
-        raise InputError("--bc-weight and --lagrangian-init must be >= 0")
-    if args.cost_signal == "tests" and args.deploy != "gated":
-        raise InputError("--cost-signal tests needs --deploy gated (only the gate runs test episodes)")
-    if args.bc_growth < 1 or args.bc_weight_max < args.bc_weight:
-        raise InputError(f"need --bc-growth >= 1 and --bc-weight-max >= --bc-weight, got {args.bc_growth}, "
-                         f"{args.bc_weight_max} and {args.bc_weight}")
-    if (args.bc_target == "deployed" or args.bc_growth > 1) and args.deploy != "gated":
-        raise InputError("--bc-target deployed and --bc-growth need --deploy gated (the gate's tests and policy)")
+    check_args(replace(args, actor_lr=lrs[0], critic_lr=lrs[1], cost_critic_lr=lrs[2], alpha=alpha,
+                       online_episodes=online_episodes))
     random.seed(args.seed)
     np.random.seed(args.seed)  # also Bullet's reset noise
     torch.manual_seed(args.seed)

@@ -309,6 +309,30 @@ def to_cpu(value):
     return value
 
 
+def flag_rules(args, counts: Tuple[str, ...] = (), rates: Tuple[str, ...] = (), common: bool = True) -> list:
+    """The rules every file shares, as (flag, value, holds, what it must be): the fields named in `counts` are whole
+    numbers >= 1, those in `rates` > 0 (None: a per-env default, filled in later), and (`common`) where the file has
+    them the cost limit is >= 0, 0 < γ < 1, 0 < τ <= 1 and every hidden layer has a unit."""
+    rules = [(name, getattr(args, name), getattr(args, name) >= 1, ">= 1") for name in counts]
+    rules += [(name, getattr(args, name), getattr(args, name) is None or getattr(args, name) > 0, "> 0")
+              for name in rates]
+    for name, holds, must in () if not common else (("cost_limit", lambda v: v >= 0, ">= 0 (an episode's cost is a sum of costs >= 0)"),
+                              ("gamma", lambda v: 0 < v < 1, "in (0, 1)"), ("tau", lambda v: 0 < v <= 1, "in (0, 1]"),
+                              ("hidden_sizes", lambda v: len(v) > 0 and min(v) >= 1, "one or more sizes >= 1")):
+        if hasattr(args, name):
+            rules.append((name, getattr(args, name), holds(getattr(args, name)), must))
+    return rules
+
+
+def refuse_bad_flags(rules: list) -> None:
+    """`rules` as flag_rules makes them, in order: the first that does not hold is refused in one line that names its
+    flag, before any work starts."""
+    for name, value, holds, must in rules:
+        if not holds:
+            value = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+            raise InputError(f"--{name.replace('_', '-')} {value}: must be {must}")
+
+
 def prepare_output_dir(path: str) -> str:
     """Create the folder that will hold `path` and prove it writable before any work starts (one-line error if not).
     Returns the folder: the run's checkpoints, progress CSV and TensorBoard events all go there."""
@@ -516,13 +540,20 @@ def report_spearman(before: dict, after: dict, pairs: dict, csv_path: str) -> No
 
 
 # ----------------------------------------------------------------------------------------------------------
+def check_args(args: Args) -> None:
+    """Every rule on this file's flags, before any work: one line naming the first flag that breaks its rule."""
+    refuse_bad_flags(flag_rules(args, counts=("total_steps", "batch_size", "eval_every", "eval_episodes"),
+                                rates=("critic_lr", "cost_critic_lr", "alpha_vpa", "reward_scale")) + [
+        ("mc_horizon", args.mc_horizon, args.mc_horizon >= 0, ">= 0"),
+        ("alpha_c_vpa", args.alpha_c_vpa, args.alpha_c_vpa is None or args.alpha_c_vpa >= 0, ">= 0"),
+        ("diagnostic_pairs", args.diagnostic_pairs, not args.diagnostic or args.diagnostic_pairs >= 2,
+         ">= 2 (or pass --no-diagnostic)"),
+        ("pairs_per_episode", args.pairs_per_episode, not args.diagnostic or args.pairs_per_episode >= 1,
+         ">= 1 (or pass --no-diagnostic)")])
+
+
 def main(args: Args) -> dict:
-    if min(args.total_steps, args.batch_size, args.eval_every, args.eval_episodes, args.mc_horizon + 1) < 1:
-        raise InputError("--total-steps, --batch-size, --eval-every, --eval-episodes must be >= 1, --mc-horizon >= 0")
-    if args.cost_limit < 0:
-        raise InputError(f"--cost-limit {args.cost_limit}: must be >= 0 (an episode's cost is a sum of costs >= 0)")
-    if args.diagnostic and (args.diagnostic_pairs < 2 or args.pairs_per_episode < 1):
-        raise InputError("--diagnostic-pairs must be >= 2 and --pairs-per-episode >= 1 (or pass --no-diagnostic)")
+    check_args(args)
     if args.env_id not in ENV_DEFAULTS and None in (args.critic_lr, args.cost_critic_lr, args.alpha_vpa):
         raise InputError(f"--env-id {args.env_id}: no defaults; pass --critic-lr, --cost-critic-lr and --alpha-vpa")
     _, critic_lr, cost_critic_lr, online_alpha, _ = ENV_DEFAULTS.get(args.env_id, (None,) * 5)

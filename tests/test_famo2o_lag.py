@@ -242,7 +242,7 @@ def test_cli_smoke_and_family_sweep(tmp_path, dataset_file):
     (("--beta-min", "5", "--beta-max", "1"), "--beta-min"),
     (("--family-betas", "0.5", "3"), "outside"),
     (("--env-id", "NoSuchEnv-v0"), "NoSuchEnv-v0"),
-    (("--offline-steps", "0"), "budgets"),
+    (("--offline-steps", "0"), "--offline-steps 0: must be >= 1"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, flags, message):
     proc = cli(*flags, cwd=tmp_path)

@@ -22,6 +22,19 @@ def test_negative_cost_limit_is_refused_by_every_file(script, tmp_path):
 
 
 @pytest.mark.parametrize("script", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize("flag, value, message", [("--gamma", "1.5", "--gamma 1.5: must be in (0, 1)"),
+                                                  ("--eval-episodes", "0", "--eval-episodes 0: must be >= 1")])
+def test_shared_flag_rules_are_the_same_in_every_file(script, flag, value, message, tmp_path):
+    """Every file checks its flags through the same flag_rules: a budget and a discount, refused in the same words."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--env-id", "OfflineCarRun-v0", "--no-cuda",
+                           flag, value, *ENTRY_POINTS[script]], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"{script}: error: {message}", proc.stderr
+    assert not os.listdir(tmp_path), "nothing is written before the flags are checked"
+
+
+@pytest.mark.parametrize("script", sorted(ENTRY_POINTS))
 def test_unwritable_output_is_refused_before_training(script, tmp_path):
     where = ["--save-dir", "/proc/nope"] if script == "marvel_full.py" else ["--save-path", "/proc/nope/x.pt"]
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--env-id", "OfflineCarRun-v0", "--no-cuda",
