@@ -304,9 +304,10 @@ def flag_rules(args, counts: Tuple[str, ...] = (), rates: Tuple[str, ...] = (), 
     rules = [(name, getattr(args, name), getattr(args, name) >= 1, ">= 1") for name in counts]
     rules += [(name, getattr(args, name), getattr(args, name) is None or getattr(args, name) > 0, "> 0")
               for name in rates]
-    for name, holds, must in () if not common else (("cost_limit", lambda v: v >= 0, ">= 0 (an episode's cost is a sum of costs >= 0)"),
-                              ("gamma", lambda v: 0 < v < 1, "in (0, 1)"), ("tau", lambda v: 0 < v <= 1, "in (0, 1]"),
-                              ("hidden_sizes", lambda v: len(v) > 0 and min(v) >= 1, "one or more sizes >= 1")):
+    shared = (("cost_limit", lambda v: v >= 0, ">= 0 (an episode's cost is a sum of costs >= 0)"),
+              ("gamma", lambda v: 0 < v < 1, "in (0, 1)"), ("tau", lambda v: 0 < v <= 1, "in (0, 1]"),
+              ("hidden_sizes", lambda v: len(v) > 0 and min(v) >= 1, "one or more sizes >= 1"))
+    for name, holds, must in shared if common else ():
         if hasattr(args, name):
             rules.append((name, getattr(args, name), holds(getattr(args, name)), must))
     return rules

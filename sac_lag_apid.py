@@ -117,9 +117,10 @@ class Args:
     bc_weight: float = 0.4
     ("w > 0: actor loss α log π − (min Q − λQc)/ν + w‖ã − a‖² with ν = mean|min Q − λQc| and a the minibatch's "
      "actions (TD3+BC-style, anchored to the replay's actions); 0: the paper's SAC-Lag actor")
-    bc_target: Literal["replay", "deployed"] = "replay"
-    ("the anchor's target a in w‖ã − a‖²: the minibatch's actions (`replay`), or the deployed policy's mean action "
-     "tanh μ_dep(s) (`deployed`: a trust region round the last policy that passed a test)")
+    bc_target: Literal["replay", "deployed", "both"] = "replay"
+    ("the anchor's target a in w‖ã − a‖²: the minibatch's actions (`replay`), the deployed policy's mean action "
+     "tanh μ_dep(s) (`deployed`: a trust region round the last policy that passed a test), or `both`: --bc-weight on "
+     "the replay's actions and what --bc-growth adds on the deployed policy's")
     bc_growth: float = 1.0
     ("g > 1: after each learner test over the controller's target (1 − m)·d the anchor weight is multiplied by g, "
      "after each one at or under it divided by g, within [--bc-weight, --bc-weight-max] (1: a constant weight)")
@@ -375,9 +376,10 @@ def flag_rules(args, counts: Tuple[str, ...] = (), rates: Tuple[str, ...] = (), 
     rules = [(name, getattr(args, name), getattr(args, name) >= 1, ">= 1") for name in counts]
     rules += [(name, getattr(args, name), getattr(args, name) is None or getattr(args, name) > 0, "> 0")
               for name in rates]
-    for name, holds, must in () if not common else (("cost_limit", lambda v: v >= 0, ">= 0 (an episode's cost is a sum of costs >= 0)"),
-                              ("gamma", lambda v: 0 < v < 1, "in (0, 1)"), ("tau", lambda v: 0 < v <= 1, "in (0, 1]"),
-                              ("hidden_sizes", lambda v: len(v) > 0 and min(v) >= 1, "one or more sizes >= 1")):
+    shared = (("cost_limit", lambda v: v >= 0, ">= 0 (an episode's cost is a sum of costs >= 0)"),
+              ("gamma", lambda v: 0 < v < 1, "in (0, 1)"), ("tau", lambda v: 0 < v <= 1, "in (0, 1]"),
+              ("hidden_sizes", lambda v: len(v) > 0 and min(v) >= 1, "one or more sizes >= 1"))
+    for name, holds, must in shared if common else ():
         if hasattr(args, name):
             rules.append((name, getattr(args, name), holds(getattr(args, name)), must))
     return rules
@@ -693,11 +695,14 @@ class SACLag(nn.Module):
         # the value term in units of its own mean magnitude, so w means the same for every task and reward scale
         value = q - lam * qc
         value = value / value.abs().mean().detach().clamp_min(1e-6)
-        if anchor is not None:
+        bc = self.bc_weight * (new_act - act).pow(2).sum(-1)
+        if anchor is not None:  # --bc-target deployed: all of w on the anchor; both: the part --bc-growth added
             with torch.no_grad():
-                act = anchor(obs, deterministic=True)[0]
-        bc = (new_act - act).pow(2).sum(-1)
-        return (self.log_alpha.exp().detach() * log_prob - value + self.bc_weight * bc).mean(), log_prob, qc
+                anchor_act = anchor(obs, deterministic=True)[0]
+            w_data = 0.0 if self.args.bc_target == "deployed" else self.args.bc_weight
+            bc = (w_data * (new_act - act).pow(2).sum(-1)
+                  + (self.bc_weight - w_data) * (new_act - anchor_act).pow(2).sum(-1))
+        return (self.log_alpha.exp().detach() * log_prob - value + bc).mean(), log_prob, qc
 
     @torch.no_grad()
     def cost_estimate(self, obs) -> torch.Tensor:
@@ -751,8 +756,8 @@ def check_args(args: Args) -> None:
     refuse_bad_flags(flag_rules(args) + online_flag_rules(args))
     if args.cost_signal == "tests" and args.deploy != "gated":
         raise InputError("--cost-signal tests needs --deploy gated (only the gate runs test episodes)")
-    if (args.bc_target == "deployed" or args.bc_growth > 1) and args.deploy != "gated":
-        raise InputError("--bc-target deployed and --bc-growth need --deploy gated (the gate's tests and policy)")
+    if (args.bc_target != "replay" or args.bc_growth > 1) and args.deploy != "gated":
+        raise InputError("--bc-target deployed/both and --bc-growth need --deploy gated (the gate's tests and policy)")
 
 
 def main(args: Args) -> dict:
@@ -844,7 +849,7 @@ def main(args: Args) -> dict:
     gate = DeploymentGate(agent.actor, args.cost_limit, args.gate_max_wait, args.gate_passes,
                           pass_cost=(1 - args.cost_margin) * args.cost_limit) if args.deploy == "gated" else None
     deployed = gate.deployed if gate else agent.actor
-    anchor = deployed if args.bc_target == "deployed" else None  # the anchor's target policy (--bc-target)
+    anchor = deployed if args.bc_target != "replay" else None  # the anchor's target policy (--bc-target)
     # the critic's per-step discounted cost-to-go in episode-cost units: Qc·(1−γ)T/(1−γ^T) (inverse of q_thres)
     horizon = eval_env.spec.max_episode_steps
     to_episode_cost = (1 - args.gamma) * horizon / (1 - args.gamma ** horizon)

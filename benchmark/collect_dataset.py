@@ -264,7 +264,8 @@ def _init_worker(env_id: str, checkpoints: Tuple[str, ...], noise_max: float):
     torch.set_num_threads(1)
     env = gym.make(env_id)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    _worker.update(env=env, env_id=env_id, actors=[load_actor(p, obs_dim, act_dim) for p in checkpoints], noise_max=noise_max)
+    _worker.update(env=env, env_id=env_id, actors=[load_actor(p, obs_dim, act_dim) for p in checkpoints],
+                   noise_max=noise_max)
 
 
 def collect_episode(task: Tuple[int, int]) -> dict:
@@ -539,11 +540,12 @@ def main(args: Args) -> None:
     os.replace(output + ".part", output)
     scatter_plot(output.removesuffix(".hdf5") + ".png", args.env_id, costs, returns, kept)
     c, r = costs[kept], returns[kept]
-    print(f"{output}: {len(kept)} trajectories, {len(data['rewards'])} transitions, {os.path.getsize(output)/1e6:.1f} MB,"
-          f" {time.time() - start:.0f}s")
-    print(f"episode cost {c.min():.0f}–{c.max():.0f} (≤{args.reference_limit:g}: "
-          f"{np.mean(c <= args.reference_limit):.0%}), return {r.min():.0f}–{r.max():.0f}, best return at cost "
-          f"≤{args.reference_limit:g}: {r[c <= args.reference_limit].max() if (c <= args.reference_limit).any() else float('nan'):.1f}")
+    print(f"{output}: {len(kept)} trajectories, {len(data['rewards'])} transitions, "
+          f"{os.path.getsize(output) / 1e6:.1f} MB, {time.time() - start:.0f}s")
+    safe = c <= args.reference_limit
+    print(f"episode cost {c.min():.0f}–{c.max():.0f} (≤{args.reference_limit:g}: {np.mean(safe):.0%}), return "
+          f"{r.min():.0f}–{r.max():.0f}, best return at cost ≤{args.reference_limit:g}: "
+          f"{r[safe].max() if safe.any() else float('nan'):.1f}")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,8 @@ VARIANTS = {
     "actorlr0.1x": ["--actor-lr", "5e-6"],                         # CarRun's actor lr / 10
     "criticlr0.1x": ["--critic-lr", "5e-4", "--cost-critic-lr", "8e-4"],  # CarRun's critic lrs / 10
     "costfloor": ["--cost-value-floor"],                           # Qc' ≥ 0 in the cost target
-    "anchor": ["--bc-target", "deployed", "--bc-growth", "2"],     # anchored to the deployed policy, w ×2 per failed test
+    "anchor": ["--bc-target", "deployed", "--bc-growth", "2"],     # anchor: the deployed policy, w ×2 per failed test
+    "anchor2": ["--bc-target", "both", "--bc-growth", "2"],        # + a deployed-policy anchor grown by failed tests
 }
 
 

@@ -97,7 +97,7 @@ def test_bc_term_pulls_the_actor_to_the_data_actions():
 
 def test_anchor_to_the_deployed_policy_by_hand():
     """--bc-target deployed: the anchor's target is the anchor policy's mean action tanh μ(s), not the batch's."""
-    agent = tiny_agent(bc_weight=0.4)
+    agent = tiny_agent(bc_weight=0.4, bc_target="deployed")
     anchor = sl.Actor(OBS_DIM, ACT_DIM, (16, 16))
     obs, data_act = torch.randn(8, OBS_DIM), torch.rand(8, ACT_DIM) * 2 - 1
     torch.manual_seed(5)
@@ -110,6 +110,30 @@ def test_anchor_to_the_deployed_policy_by_hand():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     loss.backward()
     assert all(p.grad is None for p in anchor.parameters())  # the anchor is a fixed target
+
+
+def test_both_anchors_split_the_weight_by_hand():
+    """--bc-target both: --bc-weight w₀ on the replay's action, the rest of the grown weight w − w₀ on the anchor's."""
+    agent = tiny_agent(bc_weight=0.4, bc_target="both")
+    agent.bc_weight = 1.6  # after two failed tests with --bc-growth 2
+    anchor = sl.Actor(OBS_DIM, ACT_DIM, (16, 16))
+    obs, data_act = torch.randn(8, OBS_DIM), torch.rand(8, ACT_DIM) * 2 - 1
+    torch.manual_seed(5)
+    loss, *_ = agent.actor_loss(obs, data_act, 0.7, anchor)
+    torch.manual_seed(5)
+    act, logp = agent.actor(obs)
+    value = agent.critic(obs, act).min(0).values - 0.7 * agent.cost_critic(obs, act)[0]
+    target = torch.tanh(anchor.mu(anchor.trunk(obs)))
+    bc = 0.4 * ((act - data_act) ** 2).sum(-1) + 1.2 * ((act - target) ** 2).sum(-1)
+    expected = (0.1 * logp - value / value.abs().mean() + bc).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    agent.bc_weight = 0.4  # at the base weight it is the replay anchor alone, whatever the anchor policy says
+    replay_agent = tiny_agent(bc_weight=0.4)  # the same networks (same seed)
+    torch.manual_seed(5)
+    both = agent.actor_loss(obs, data_act, 0.7, anchor)[0]
+    torch.manual_seed(5)
+    replay_only = replay_agent.actor_loss(obs, data_act, 0.7)[0]
+    assert both.item() == pytest.approx(replay_only.item(), rel=1e-6)
 
 
 def test_bc_weight_grows_after_failed_tests_and_shrinks_after_passes():
@@ -313,7 +337,7 @@ def test_cli_anchor_to_the_deployed_policy_runs_and_logs_its_weight(tmp_path, da
                                             (["--bc-growth", "0.5"], "--bc-growth"),
                                             (["--bc-weight-max", "0.1"], "--bc-weight-max"),
                                             (["--bc-target", "deployed", "--deploy", "learner",
-                                              "--cost-signal", "episodes"], "--bc-target deployed")])
+                                              "--cost-signal", "episodes"], "--bc-target deployed/both")])
 def test_cli_refuses_bad_mechanism_flags(tmp_path, flags, message):
     proc = cli(*flags, cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and message in proc.stderr
