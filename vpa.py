@@ -28,6 +28,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -75,6 +76,9 @@ class Args:
     """DSRL-format HDF5 file; default: DSRL cache, then datasets/<env-id>.hdf5, then download"""
     save_path: Optional[str] = None
     """output checkpoint (default runs/<run-name>/vpa.pt); the Spearman table goes beside it as *_spearman.csv"""
+    resume: Optional[str] = None
+    ("a *_resume.pt file (written beside the checkpoint every --eval-every steps and on Ctrl-C) to continue from, "
+     "with the same flags")
     cost_limit: float = 20.0
     """episode cost limit d (for the normalised cost of the evaluation)"""
     total_steps: int = 20_000
@@ -564,9 +568,28 @@ def main(args: Args) -> dict:
     if not 0 <= args.alpha_c_vpa < args.alpha_vpa:
         raise InputError(f"need 0 <= --alpha-c-vpa < --alpha-vpa (the paper's condition), got "
                          f"{args.alpha_c_vpa} and {args.alpha_vpa}")
+    resume = None
+    if args.resume is not None:  # refused before any work unless it continues this very run
+        try:
+            resume = torch.load(args.resume, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise InputError(f"--resume {args.resume}: cannot read checkpoint ({type(e).__name__})") from None
+        if not isinstance(resume, dict) or "vpa_resume" not in resume:
+            raise InputError(f"--resume {args.resume}: not a resumable checkpoint (vpa.py writes *_resume.pt)")
+        was, state = resume["args"], resume["vpa_resume"]
+        changed = [f"--{k.replace('_', '-')} (was {was.get(k)})" for k, v in asdict(args).items()
+                   if k not in ("exp_name", "track", "wandb_project_name", "cuda", "save_path", "resume")
+                   and was.get(k) != (list(v) if isinstance(v, tuple) else v)]
+        if args.save_path and os.path.abspath(args.save_path) != state["save_path"]:
+            changed.append(f"--save-path (was {state['save_path']})")
+        if changed:
+            raise InputError(f"--resume {args.resume}: these flags differ from the interrupted run's: "
+                             f"{', '.join(changed)}")
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    save_path = args.save_path or os.path.join("runs", run_name, "vpa.pt")
+    save_path = args.save_path or (resume["vpa_resume"]["save_path"] if resume else
+                                   os.path.join("runs", run_name, "vpa.pt"))
     run_dir = prepare_output_dir(save_path)
+    resume_path = save_path.removesuffix(".pt") + "_resume.pt"
     random.seed(args.seed)
     np.random.seed(args.seed)  # also Bullet's reset noise
     torch.manual_seed(args.seed)
@@ -595,7 +618,7 @@ def main(args: Args) -> dict:
     writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
-    pairs = before = None
+    pairs = before = after = None  # the Spearman diagnostic's pairs and its tables before VPA and at the last check
 
     def log_spearman(step: int) -> dict:
         table = spearman_table(agent, pairs, device)
@@ -612,8 +635,41 @@ def main(args: Args) -> dict:
               f"{time.time() - start:.0f}s; before VPA: " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()))
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    first_step = 1
+    if resume is not None:  # the critics, optimizer and random states of the step the run stopped after
+        state = resume["vpa_resume"]
+        if state["device"] != device.type:  # RNG states do not carry over between devices
+            raise InputError(f"--resume {args.resume}: ran on {state['device']}, not {device.type}")
+        for name in ("critic", "critic_target", "cost_critic", "cost_critic_target"):
+            getattr(agent, name).load_state_dict(resume[name])
+        agent.critics_opt.load_state_dict(state["critics_opt"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])  # Bullet's reset noise
+        torch.set_rng_state(state["rng"]["torch"])
+        generator.set_state(state["rng"]["sampler"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        before, after, first_step = state["before"], state["after"], resume["step"] + 1
+
+    def save_resume(step: int) -> None:
+        """Everything that carries over from `step` to the next: --resume continues bit for bit from here."""
+        numpy_state = np.random.get_state()
+        rng = {"python": random.getstate(), "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
+               "torch": torch.get_rng_state(), "sampler": generator.get_state(),
+               "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
+        save_checkpoint(resume_path, {
+            "step": step, "args": asdict(args), **{name: getattr(agent, name).state_dict() for name in (
+                "critic", "critic_target", "cost_critic", "cost_critic_target")},
+            "vpa_resume": {"save_path": os.path.abspath(save_path), "device": device.type, "rng": rng,
+                           "critics_opt": agent.critics_opt.state_dict(), "before": before,
+                           "after": after}})
+
+    # Ctrl-C stops the run at the end of the current step, where its state is whole, and keeps it for --resume
+    stop = []
+    default_sigint = signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum))
     start = time.time()
-    progress = tqdm(range(1, args.total_steps + 1), desc="vpa", dynamic_ncols=True)
+    progress = tqdm(range(first_step, args.total_steps + 1), desc="vpa", initial=first_step - 1,
+                    total=args.total_steps, dynamic_ncols=True)
     for step in progress:
         idx = torch.randint(num_transitions, (args.batch_size,), device=device, generator=generator)
         info = agent.update({k: v[idx] for k, v in data.items()})
@@ -625,7 +681,19 @@ def main(args: Args) -> dict:
             progress.set_postfix(critic=f"{values[0]:.3g}", cost_critic=f"{values[1]:.3g}")
         if pairs is not None and (step % args.eval_every == 0 or step == args.total_steps):
             after = log_spearman(step)
-    sps = args.total_steps / (time.time() - start)
+        if step % args.eval_every == 0 and step < args.total_steps:
+            save_resume(step)  # a killed run loses at most --eval-every steps
+        if stop:
+            save_resume(step)
+            progress.close()
+            writer.close()
+            signal.signal(signal.SIGINT, default_sigint)
+            raise KeyboardInterrupt(f"interrupted at step {step}: resumable checkpoint {resume_path}; continue "
+                                    f"with --resume {resume_path}")
+    signal.signal(signal.SIGINT, default_sigint)
+    sps = (args.total_steps - first_step + 1) / (time.time() - start)
+    if os.path.exists(resume_path):
+        os.remove(resume_path)  # the run is complete: nothing left to resume
 
     result = evaluate(agent.actor, env, args.eval_episodes, args.cost_limit, device)  # μ is unchanged
     for k, v in result.items():
@@ -654,7 +722,6 @@ if __name__ == "__main__":
         main(tyro.cli(Args))
     except InputError as e:
         sys.exit(f"vpa.py: error: {e}")
-    except KeyboardInterrupt:
-        print("vpa.py: interrupted; VPA writes its checkpoint only when it finishes, so nothing was saved "
-              "(run it again)", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C: main says what it saved; before training there is nothing to save
+        print(f"vpa.py: {str(e) or 'interrupted before training started: nothing was saved'}", file=sys.stderr)
         sys.exit(130)
