@@ -29,6 +29,8 @@ import matplotlib.pyplot as plt
 
 LABELS = {"recommended": "Recommended (defaults: gated, BC-anchored)",
           "recommended_8a3a5ad": "Recommended as of 8a3a5ad (deploy at ≤ d, no margin, no hold)",
+          "recommended+anchor": "Recommended, anchored to the deployed policy (--bc-target deployed --bc-growth 2)",
+          "recommended+anchor2": "Recommended + a deployed anchor grown by failed tests (--bc-target both)",
           "marvel": "Marvel (VPA + aPID)", "warm_start": "Warm Start (SAC-Lag, dual)", "apid_only": "aPID only",
           "vpa_only": "VPA only (dual)", "vpa_pid": "VPA + PID", "scratch": "From Scratch (paper schedule)",
           "scratch_standard": "From Scratch (1 update/step)", "famo2o_offline15k": "FamO2O-Lag (15k offline steps)",

@@ -75,6 +75,7 @@ VARIANTS = {
     "costfloor": ["--cost-value-floor"],                           # Qc' ≥ 0 in the cost target
     "anchor": ["--bc-target", "deployed", "--bc-growth", "2"],     # anchor: the deployed policy, w ×2 per failed test
     "anchor2": ["--bc-target", "both", "--bc-growth", "2"],        # + a deployed-policy anchor grown by failed tests
+    "passes2": ["--gate-passes", "2"],                             # deploy after two consecutive passed tests
 }
 
 
