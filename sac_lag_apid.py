@@ -135,6 +135,9 @@ class Args:
      "breaks it in about half of its episodes); 0: the paper")
     gate_passes: int = 1
     """gated: consecutive passed tests (one per iteration) before the learner is deployed"""
+    gate_passes_unsafe: Optional[int] = None
+    ("gated: consecutive passed tests that replace a deployed policy whose own episodes broke the limit in the same "
+     "iteration (an unsafe start, or a policy being rolled back); default: --gate-passes")
     gate_max_wait: int = 16
     """gated: after each failed test the wait before the next one doubles (1, 2, 4, … iterations) up to this"""
     actor_lr: Optional[float] = None
@@ -398,6 +401,8 @@ def online_flag_rules(args) -> list:
         *((name, getattr(args, name), getattr(args, name) >= 0, ">= 0")
           for name in ("bc_weight", "lagrangian_init", "kp", "ki", "kd")),
         ("adapt_rates", args.adapt_rates, min(args.adapt_rates) >= 0, "three rates >= 0"),
+        ("gate_passes_unsafe", args.gate_passes_unsafe,
+         args.gate_passes_unsafe is None or args.gate_passes_unsafe >= 1, ">= 1"),
         ("bc_growth", args.bc_growth, args.bc_growth >= 1, ">= 1 (1: a constant anchor weight)"),
         ("bc_weight_max", args.bc_weight_max, args.bc_weight_max >= args.bc_weight, ">= --bc-weight")]
 
@@ -552,10 +557,11 @@ class DeploymentGate:
     delay the learner's tests, which may replace an unsafe deployed policy in the same iteration."""
 
     def __init__(self, actor: nn.Module, cost_limit: float, max_wait: int, passes: int = 1,
-                 pass_cost: Optional[float] = None):
+                 pass_cost: Optional[float] = None, passes_unsafe: Optional[int] = None):
         self.deployed = copy.deepcopy(actor).requires_grad_(False)
         self.fallback = copy.deepcopy(self.deployed.state_dict())
         self.cost_limit, self.max_wait, self.passes = cost_limit, max_wait, passes
+        self.passes_unsafe = passes if passes_unsafe is None else passes_unsafe
         self.pass_cost = cost_limit if pass_cost is None else pass_cost
         self.wait = self.countdown = 1
         self.tests = self.deployments = self.rollbacks = self.streak = 0
@@ -582,7 +588,7 @@ class DeploymentGate:
         # returns bought with violations set no bar: only the deployed policy's safe episodes are compared
         as_good = not safe.any() or test_return >= float(np.mean(deployed_returns[safe]))
         self.streak = self.streak + 1 if test_cost <= self.pass_cost and as_good else 0
-        if self.streak < self.passes:
+        if self.streak < (self.passes if safe.all() else self.passes_unsafe):  # an unsafe policy goes sooner
             return
         self.fallback = copy.deepcopy(self.deployed.state_dict())  # (after a rollback: the policy before it)
         self.deployed.load_state_dict(learner.state_dict())
@@ -847,7 +853,8 @@ def main(args: Args) -> dict:
         csv.seek(0, os.SEEK_END)
     # gated deployment: `gate.deployed` runs the episodes, `agent.actor` learns
     gate = DeploymentGate(agent.actor, args.cost_limit, args.gate_max_wait, args.gate_passes,
-                          pass_cost=(1 - args.cost_margin) * args.cost_limit) if args.deploy == "gated" else None
+                          pass_cost=(1 - args.cost_margin) * args.cost_limit,
+                          passes_unsafe=args.gate_passes_unsafe) if args.deploy == "gated" else None
     deployed = gate.deployed if gate else agent.actor
     anchor = deployed if args.bc_target != "replay" else None  # the anchor's target policy (--bc-target)
     # the critic's per-step discounted cost-to-go in episode-cost units: Qc·(1−γ)T/(1−γ^T) (inverse of q_thres)

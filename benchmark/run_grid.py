@@ -76,6 +76,7 @@ VARIANTS = {
     "anchor": ["--bc-target", "deployed", "--bc-growth", "2"],     # anchor: the deployed policy, w ×2 per failed test
     "anchor2": ["--bc-target", "both", "--bc-growth", "2"],        # + a deployed-policy anchor grown by failed tests
     "passes2": ["--gate-passes", "2"],                             # deploy after two consecutive passed tests
+    "fastunsafe": ["--gate-passes-unsafe", "1"],                   # but one pass replaces a policy over the limit
 }
 
 

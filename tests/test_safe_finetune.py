@@ -246,6 +246,20 @@ def test_gate_bounds_the_tests_of_an_always_unsafe_learner(iterations, max_wait)
     assert gate.tests >= iterations / max_wait  # and it keeps testing: a learner that turns safe gets its chance
 
 
+def test_gate_replaces_an_unsafe_deployed_policy_after_fewer_passes():
+    """--gate-passes 2 --gate-passes-unsafe 1: two passes replace a policy within the limit, one replaces a policy
+    whose own episodes broke it in the same iteration."""
+    start, learner = sl.Actor(OBS_DIM, ACT_DIM, (16, 16)), sl.Actor(OBS_DIM, ACT_DIM, (16, 16))
+    gates = {}
+    for deployed_cost, deployments in ((5.0, 0), (30.0, 1)):  # the first pass of a fresh gate
+        gates[deployed_cost] = gate = sl.DeploymentGate(start, cost_limit=20.0, max_wait=16, passes=2, pass_cost=10.0,
+                                                        passes_unsafe=1)
+        gate.update(learner, np.array([100.0]), np.array([deployed_cost]), 150.0, 5.0)
+        assert gate.deployments == deployments and gate.rollbacks == (deployed_cost > 20)
+    gates[5.0].update(learner, np.array([100.0]), np.array([5.0]), 150.0, 5.0)  # its second consecutive pass
+    assert gates[5.0].deployments == 1
+
+
 def test_gate_needs_consecutive_passes():
     gate = sl.DeploymentGate(policy(0.0), cost_limit=20.0, max_wait=8, passes=2)
     good, worse, deployed = (450.0, 5.0), (350.0, 5.0), (np.array([400.0]), np.array([0.0]))
