@@ -77,6 +77,7 @@ VARIANTS = {
     "anchor2": ["--bc-target", "both", "--bc-growth", "2"],        # + a deployed-policy anchor grown by failed tests
     "passes2": ["--gate-passes", "2"],                             # deploy after two consecutive passed tests
     "fastunsafe": ["--gate-passes-unsafe", "1"],                   # but one pass replaces a policy over the limit
+    "growonlimit": ["--bc-growth-on", "limit"],                    # the anchor grows only after tests over d
 }
 
 
