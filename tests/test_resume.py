@@ -218,33 +218,43 @@ def test_marvel_resume_after_stage_2_restarts_the_online_stage_from_vpa_pt(datas
     assert (out / "cpq.pt").read_bytes() == (marvel_uninterrupted / "cpq.pt").read_bytes()  # reused as it was
 
 
+def interrupt_and_resume(script, args, tmp_path, stem, resume_suffix="_resume.pt"):
+    """Run `script args SAVE` to the end in whole/, again in cut/ stopped by Ctrl-C once its resumable file exists
+    (at an arbitrary step after the first evaluation), then `--resume` it there. Returns (whole, cut, the resumable
+    state, the interrupted run's last stderr line, the resumed run's stdout); every run's exit status is checked."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    for d in (whole, cut):
+        d.mkdir()
+    path = os.path.join(ROOT, script)
+    proc = subprocess.run([sys.executable, path, *args, str(whole / f"{stem}.pt")], capture_output=True, text=True,
+                          cwd=whole, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (whole / f"{stem}{resume_suffix}").exists()  # a finished run leaves nothing to resume
+    resume, stderr = cut / f"{stem}{resume_suffix}", cut / "stderr.txt"
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen([sys.executable, path, *args, str(cut / f"{stem}.pt")], stdout=subprocess.DEVNULL,
+                                stderr=err, cwd=cut)
+        sigint_when(proc, resume.exists)
+    message = stderr.read_text()
+    assert proc.returncode == 130 and "Traceback" not in message, message[-2000:]
+    state = torch.load(resume, weights_only=True)
+    proc = subprocess.run([sys.executable, path, *args, str(cut / f"{stem}.pt"), "--resume", str(resume)],
+                          capture_output=True, text=True, cwd=cut, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not resume.exists()
+    return whole, cut, state, message.strip().splitlines()[-1], proc.stdout
+
+
 # bear_lag.py: the same contract as cpq.py (its PID multiplier's state and the MMD weight α carry over too)
 
 
 def test_bear_lag_ctrl_c_then_resume_equals_the_uninterrupted_run(dataset, tmp_path):
-    bear = flags(dataset, "unused")[:-1]  # everything but the save path
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    for d in (whole, cut):
-        d.mkdir()
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bear_lag.py"), *bear, str(whole / "b.pt"),
-                           "--num-samples", "3"], capture_output=True, text=True, cwd=whole, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    resume, stderr = cut / "b_resume.pt", cut / "stderr.txt"
-    with open(stderr, "w") as err:
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "bear_lag.py"), *bear, str(cut / "b.pt"),
-                                 "--num-samples", "3"], stdout=subprocess.DEVNULL, stderr=err, cwd=cut)
-        sigint_when(proc, resume.exists)  # after the evaluation at step 100, at an arbitrary step
-    message = stderr.read_text()
-    assert proc.returncode == 130 and "Traceback" not in message, message[-2000:]
-    state = torch.load(resume, weights_only=True)
-    assert message.strip().splitlines()[-1] == (f"bear_lag.py: interrupted at step {state['step']}: resumable "
-                                                f"checkpoint {resume}; continue with --resume {resume}")
-    assert 100 <= state["step"] < STEPS and state["algo"] == "bear_lag"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bear_lag.py"), *bear, str(cut / "b.pt"),
-                           "--num-samples", "3", "--resume", str(resume)], capture_output=True, text=True, cwd=cut,
-                          timeout=300)
-    assert proc.returncode == 0 and "resuming after step" in proc.stdout, proc.stderr[-2000:]
-    assert not resume.exists()
+    bear = [*flags(dataset, "unused")[:-2], "--num-samples", "3", "--save-path"]  # the save path goes last
+    whole, cut, state, last_line, out = interrupt_and_resume("bear_lag.py", bear, tmp_path, "b")
+    resume = cut / "b_resume.pt"
+    assert last_line == (f"bear_lag.py: interrupted at step {state['step']}: resumable checkpoint {resume}; "
+                         f"continue with --resume {resume}")
+    assert 100 <= state["step"] < STEPS and state["algo"] == "bear_lag" and "resuming after step" in out
     for name in ("b.pt", "b_last.pt"):
         assert differing(cut / name, whole / name) <= {"args.save_path", "args.resume"}, name
 
@@ -257,29 +267,11 @@ def test_famo2o_ctrl_c_offline_then_resume_equals_the_uninterrupted_run(dataset,
     fam = ["--no-cuda", "--dataset-path", dataset, "--hidden-sizes", "16", "16", "--offline-steps", str(STEPS),
            "--batch-size", "32", "--eval-every", "100", "--eval-episodes", "1", "--online-episodes", "2",
            "--episodes-per-iter", "1", "--updates-per-iter", "2", "--family-betas", "1", "5", "--save-path"]
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    for d in (whole, cut):
-        d.mkdir()
-    script = os.path.join(ROOT, "famo2o_lag.py")
-    proc = subprocess.run([sys.executable, script, *fam, str(whole / "f.pt")], capture_output=True, text=True,
-                          cwd=whole, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    resume, stderr = cut / "f_offline_resume.pt", cut / "stderr.txt"
-    with open(stderr, "w") as err:
-        proc = subprocess.Popen([sys.executable, script, *fam, str(cut / "f.pt")], stdout=subprocess.DEVNULL,
-                                stderr=err, cwd=cut)
-        sigint_when(proc, resume.exists)  # after the evaluation at step 100, at an arbitrary step
-    message = stderr.read_text()
-    assert proc.returncode == 130 and "Traceback" not in message, message[-2000:]
-    state = torch.load(resume, weights_only=True)
-    assert message.strip().splitlines()[-1] == (f"famo2o_lag.py: interrupted in the offline phase at step "
-                                                f"{state['step']}: resumable state {resume}; continue with --resume "
-                                                f"{resume}")
-    assert 100 <= state["step"] < STEPS and not (cut / "f.pt").exists()
-    proc = subprocess.run([sys.executable, script, *fam, str(cut / "f.pt"), "--resume", str(resume)],
-                          capture_output=True, text=True, cwd=cut, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert not resume.exists()
+    whole, cut, state, last_line, _ = interrupt_and_resume("famo2o_lag.py", fam, tmp_path, "f", "_offline_resume.pt")
+    resume = cut / "f_offline_resume.pt"
+    assert last_line == (f"famo2o_lag.py: interrupted in the offline phase at step {state['step']}: resumable state "
+                         f"{resume}; continue with --resume {resume}")
+    assert 100 <= state["step"] < STEPS
     for name in ("f_offline.pt", "f.pt"):
         assert differing(cut / name, whole / name) <= {"args.save_path", "args.resume"}, name
     for name in ("f_family.csv", "f_progress.csv"):
@@ -295,29 +287,10 @@ def test_sac_lag_apid_ctrl_c_then_resume_equals_the_uninterrupted_run(extra, dat
     online = ["--no-cuda", "--dataset-path", dataset, "--hidden-sizes", "16", "16", "--online-episodes", "40",
               "--episodes-per-iter", "2", "--updates-per-iter", "3", "--batch-size", "16", "--eval-every", "10",
               "--eval-episodes", "1", *extra, "--save-path"]
-    script = os.path.join(ROOT, "sac_lag_apid.py")
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    for d in (whole, cut):
-        d.mkdir()
-    proc = subprocess.run([sys.executable, script, *online, str(whole / "s.pt")], capture_output=True, text=True,
-                          cwd=whole, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert not (whole / "s_resume.pt").exists()  # a finished run leaves nothing to resume
-    resume, stderr = cut / "s_resume.pt", cut / "stderr.txt"
-    with open(stderr, "w") as err:
-        proc = subprocess.Popen([sys.executable, script, *online, str(cut / "s.pt")], stdout=subprocess.DEVNULL,
-                                stderr=err, cwd=cut)
-        sigint_when(proc, resume.exists)  # after the evaluation at episode 10, at the end of some iteration
-    message = stderr.read_text()
-    assert proc.returncode == 130 and "Traceback" not in message, message[-2000:]
-    state = torch.load(resume, weights_only=True)
-    done = state["resume"]["counters"]["episodes"]
-    assert 10 <= done < 40 and message.strip().splitlines()[-1].endswith(f"continue with --resume {resume}")
+    whole, cut, state, last_line, _ = interrupt_and_resume("sac_lag_apid.py", online, tmp_path, "s")
+    assert 10 <= state["resume"]["counters"]["episodes"] < 40
+    assert last_line.endswith(f"continue with --resume {cut / 's_resume.pt'}")
     assert (cut / "s_interrupted.pt").exists()  # the policy so far, for use without resuming
-    proc = subprocess.run([sys.executable, script, *online, str(cut / "s.pt"), "--resume", str(resume)],
-                          capture_output=True, text=True, cwd=cut, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert not resume.exists()
     assert differing(cut / "s.pt", whole / "s.pt") <= {"args.save_path", "args.resume"}
     assert (cut / "s_progress.csv").read_text() == (whole / "s_progress.csv").read_text()
 
@@ -329,26 +302,9 @@ def test_vpa_ctrl_c_then_resume_equals_the_uninterrupted_run(dataset, uninterrup
     vpa = ["--no-cuda", "--init", str(uninterrupted / "cpq.pt"), "--dataset-path", dataset, "--total-steps", "3000",
            "--batch-size", "32", "--eval-every", "500", "--eval-episodes", "1", "--diagnostic-pairs", "4",
            "--mc-horizon", "20", "--save-path"]
-    script = os.path.join(ROOT, "vpa.py")
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    for d in (whole, cut):
-        d.mkdir()
-    proc = subprocess.run([sys.executable, script, *vpa, str(whole / "v.pt")], capture_output=True, text=True,
-                          cwd=whole, timeout=300)
-    assert proc.returncode == 0 and not (whole / "v_resume.pt").exists(), proc.stderr[-2000:]
-    resume, stderr = cut / "v_resume.pt", cut / "stderr.txt"
-    with open(stderr, "w") as err:
-        proc = subprocess.Popen([sys.executable, script, *vpa, str(cut / "v.pt")], stdout=subprocess.DEVNULL,
-                                stderr=err, cwd=cut)
-        sigint_when(proc, resume.exists)  # after the check at step 500, at an arbitrary step
-    message = stderr.read_text()
-    assert proc.returncode == 130 and "Traceback" not in message, message[-2000:]
-    state = torch.load(resume, weights_only=True)
-    assert 500 <= state["step"] < 3000 and message.strip().splitlines()[-1] == (
+    whole, cut, state, last_line, _ = interrupt_and_resume("vpa.py", vpa, tmp_path, "v")
+    resume = cut / "v_resume.pt"
+    assert 500 <= state["step"] < 3000 and last_line == (
         f"vpa.py: interrupted at step {state['step']}: resumable checkpoint {resume}; continue with --resume {resume}")
-    proc = subprocess.run([sys.executable, script, *vpa, str(cut / "v.pt"), "--resume", str(resume)],
-                          capture_output=True, text=True, cwd=cut, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert not resume.exists()
     assert differing(cut / "v.pt", whole / "v.pt") <= {"args.save_path", "args.resume"}
     assert (cut / "v_spearman.csv").read_text() == (whole / "v_spearman.csv").read_text()

@@ -95,10 +95,9 @@ def test_bc_term_pulls_the_actor_to_the_data_actions():
     assert gap() < before / 3
 
 
-def test_anchor_to_the_deployed_policy_by_hand():
-    """--bc-target deployed: the anchor's target is the anchor policy's mean action tanh μ(s), not the batch's."""
-    agent = tiny_agent(bc_weight=0.4, bc_target="deployed")
-    anchor = sl.Actor(OBS_DIM, ACT_DIM, (16, 16))
+def anchored_loss_by_hand(agent, anchor, w_data, w_anchor):
+    """The anchored actor loss on a fixed batch (λ = 0.7, α = 0.1), from the agent and by hand with weights w_data on
+    the batch's actions and w_anchor on the anchor's mean action; both draw the same ã (seed 5)."""
     obs, data_act = torch.randn(8, OBS_DIM), torch.rand(8, ACT_DIM) * 2 - 1
     torch.manual_seed(5)
     loss, *_ = agent.actor_loss(obs, data_act, 0.7, anchor)
@@ -106,7 +105,14 @@ def test_anchor_to_the_deployed_policy_by_hand():
     act, logp = agent.actor(obs)
     value = agent.critic(obs, act).min(0).values - 0.7 * agent.cost_critic(obs, act)[0]
     target = torch.tanh(anchor.mu(anchor.trunk(obs)))
-    expected = (0.1 * logp - value / value.abs().mean() + 0.4 * ((act - target) ** 2).sum(-1)).mean()
+    bc = w_data * ((act - data_act) ** 2).sum(-1) + w_anchor * ((act - target) ** 2).sum(-1)
+    return loss, (0.1 * logp - value / value.abs().mean() + bc).mean(), (obs, data_act)
+
+
+def test_anchor_to_the_deployed_policy_by_hand():
+    """--bc-target deployed: the anchor's target is the anchor policy's mean action tanh μ(s), not the batch's."""
+    anchor = sl.Actor(OBS_DIM, ACT_DIM, (16, 16))
+    loss, expected, _ = anchored_loss_by_hand(tiny_agent(bc_weight=0.4, bc_target="deployed"), anchor, 0.0, 0.4)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     loss.backward()
     assert all(p.grad is None for p in anchor.parameters())  # the anchor is a fixed target
@@ -117,15 +123,7 @@ def test_both_anchors_split_the_weight_by_hand():
     agent = tiny_agent(bc_weight=0.4, bc_target="both")
     agent.bc_weight = 1.6  # after two failed tests with --bc-growth 2
     anchor = sl.Actor(OBS_DIM, ACT_DIM, (16, 16))
-    obs, data_act = torch.randn(8, OBS_DIM), torch.rand(8, ACT_DIM) * 2 - 1
-    torch.manual_seed(5)
-    loss, *_ = agent.actor_loss(obs, data_act, 0.7, anchor)
-    torch.manual_seed(5)
-    act, logp = agent.actor(obs)
-    value = agent.critic(obs, act).min(0).values - 0.7 * agent.cost_critic(obs, act)[0]
-    target = torch.tanh(anchor.mu(anchor.trunk(obs)))
-    bc = 0.4 * ((act - data_act) ** 2).sum(-1) + 1.2 * ((act - target) ** 2).sum(-1)
-    expected = (0.1 * logp - value / value.abs().mean() + bc).mean()
+    loss, expected, (obs, data_act) = anchored_loss_by_hand(agent, anchor, 0.4, 1.2)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     agent.bc_weight = 0.4  # at the base weight it is the replay anchor alone, whatever the anchor policy says
     replay_agent = tiny_agent(bc_weight=0.4)  # the same networks (same seed)
