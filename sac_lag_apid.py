@@ -106,7 +106,8 @@ class Args:
     """step size of `dual`: λ ← max(0, λ + lr·(J − d))"""
     paper: bool = False
     ("the paper's online phase: sets every safe-finetuning flag below to its paper value (PAPER_ONLINE: no gate, "
-     "SAC-Lag actor, online data only, λ from the episodes' costs, unbounded aPID adaptation, 20 updates of 64)")
+     "SAC-Lag actor, online data only, λ from the episodes' costs, unbounded aPID adaptation, 20 updates of 64, "
+     "no cost margin)")
     bounded_gain_adaptation: bool = True
     ("aPID: divide the gain adaptation by max(c̃, d) instead of c̃, so one update changes a gain by at most a factor "
      "1 ± a (the paper's c̃ sends the gains to K⁰/10 after a single iteration far under the limit)")
@@ -115,8 +116,8 @@ class Args:
      "estimate of the learner's episode cost, mean Qc(s, π(s))·(1−γ)T/(1−γ^T) over a minibatch, or (`tests`, with "
      "--deploy gated) the cost of the learner's latest test episode, held until the next test")
     bc_weight: float = 0.4
-    ("w > 0: actor loss α log π − (min Q − λQc)/ν + w‖ã − a‖² with ν = mean|min Q − λQc| and a the minibatch's "
-     "actions (TD3+BC-style, anchored to the replay's actions); 0: the paper's SAC-Lag actor")
+    ("w₀ > 0: actor loss α log π − (min Q − λQc)/ν + w₀‖ã − a‖² with ν = mean|min Q − λQc| and a the minibatch's "
+     "actions (TD3+BC-style, anchored to the replay's actions; --bc-growth adds more); 0: the paper's SAC-Lag actor")
     bc_target: Literal["replay", "deployed", "both"] = "replay"
     ("the anchor's target a in w‖ã − a‖²: the minibatch's actions (`replay`), the deployed policy's mean action "
      "tanh μ_dep(s) (`deployed`: a trust region round the last policy that passed a test), or `both`: --bc-weight on "
@@ -136,6 +137,10 @@ class Args:
     ("the λ controller steers the learner's episode cost to (1 − margin)·d rather than to the limit d itself, and the "
      "gate deploys the learner only after a test at or under that cost (a policy whose mean cost sits at the limit "
      "breaks it in about half of its episodes); 0: the paper")
+    rollback_tightening: float = 1.0
+    ("gated: after each rollback of a learner the gate deployed, the controller's target and the gate's pass cost, "
+     "at first (1 − margin)·d, are multiplied by this (a deployed policy that broke the limit is evidence that a "
+     "test at that cost does not certify the next one); 1: fixed")
     gate_passes: int = 1
     """gated: consecutive passed tests (one per iteration) before the learner is deployed"""
     gate_passes_unsafe: Optional[int] = None
@@ -400,6 +405,7 @@ def online_flag_rules(args) -> list:
                              "reward_scale"), common=False) + [
         ("offline_ratio", args.offline_ratio, 0 <= args.offline_ratio < 1, "in [0, 1)"),
         ("cost_margin", args.cost_margin, 0 <= args.cost_margin < 1, "in [0, 1)"),
+        ("rollback_tightening", args.rollback_tightening, 0 < args.rollback_tightening <= 1, "in (0, 1]"),
         ("pid_ema", args.pid_ema, 0 <= args.pid_ema < 1, "in [0, 1)"),
         *((name, getattr(args, name), getattr(args, name) >= 0, ">= 0")
           for name in ("bc_weight", "lagrangian_init", "kp", "ki", "kd")),
@@ -500,7 +506,8 @@ class AdaptivePIDLagrangian:
     def state_dict(self) -> dict:
         return {"kind": "apid" if self.adaptive else "pid", "lam": self.lam, "kp": self.kp, "ki": self.ki,
                 "kd": self.kd, "integral": self.integral, "proportional": self.proportional,
-                "smoothed_cost": self.smoothed_cost, "history": list(self.history), "bounded": self.bounded}
+                "smoothed_cost": self.smoothed_cost, "history": list(self.history), "bounded": self.bounded,
+                "target": self.cost_limit}
 
 
 class DualAscentLagrangian:
@@ -514,7 +521,7 @@ class DualAscentLagrangian:
         return self.lam
 
     def state_dict(self) -> dict:
-        return {"kind": "dual", "lam": self.lam, "lr": self.lr}
+        return {"kind": "dual", "lam": self.lam, "lr": self.lr, "target": self.cost_limit}
 
 
 class FixedLagrangian:
@@ -528,11 +535,11 @@ class FixedLagrangian:
         return {"kind": "fixed", "lam": self.lam}
 
 
-def next_bc_weight(weight: float, test_cost: float, args: Args) -> float:
+def next_bc_weight(weight: float, test_cost: float, target: float, args: Args) -> float:
     """--bc-growth g: the anchor weight after a learner test, w·g if the test cost more than the controller's
-    target (1 − m)·d (--bc-growth-on limit: more than d), else w/g, kept within [--bc-weight, --bc-weight-max]: the
+    `target` (--bc-growth-on limit: more than d), else w/g, kept within [--bc-weight, --bc-weight-max]: the
     learner is held closer to the deployed policy while its tests fail and let go as they pass."""
-    failed_over = (1 - args.cost_margin) * args.cost_limit if args.bc_growth_on == "target" else args.cost_limit
+    failed_over = target if args.bc_growth_on == "target" else args.cost_limit
     if test_cost > failed_over:
         return min(weight * args.bc_growth, args.bc_weight_max)
     return max(weight / args.bc_growth, args.bc_weight)
@@ -558,17 +565,19 @@ class DeploymentGate:
     (1, 2, 4, … iterations, at most `max_wait`), so a learner that stays unsafe for K iterations costs about
     log₂(max_wait) + K/max_wait episodes over the limit instead of one per episode. A deployed policy whose own
     episode goes over the limit is replaced by `fallback`, the policy deployed before it (rollback); this does not
-    delay the learner's tests, which may replace an unsafe deployed policy in the same iteration."""
+    delay the learner's tests, which may replace an unsafe deployed policy in the same iteration. The rollback of a
+    learner this gate deployed multiplies `pass_cost` by `tightening`: its passed test did not certify it."""
 
     def __init__(self, actor: nn.Module, cost_limit: float, max_wait: int, passes: int = 1,
-                 pass_cost: Optional[float] = None, passes_unsafe: Optional[int] = None):
+                 pass_cost: Optional[float] = None, passes_unsafe: Optional[int] = None, tightening: float = 1.0):
         self.deployed = copy.deepcopy(actor).requires_grad_(False)
         self.fallback = copy.deepcopy(self.deployed.state_dict())
-        self.cost_limit, self.max_wait, self.passes = cost_limit, max_wait, passes
+        self.cost_limit, self.max_wait, self.passes, self.tightening = cost_limit, max_wait, passes, tightening
         self.passes_unsafe = passes if passes_unsafe is None else passes_unsafe
         self.pass_cost = cost_limit if pass_cost is None else pass_cost
         self.wait = self.countdown = 1
         self.tests = self.deployments = self.rollbacks = self.streak = 0
+        self.learner_deployed = False  # whether `deployed` came from a passed test (not the start, not a fallback)
 
     def test_due(self) -> bool:
         self.countdown -= 1
@@ -581,6 +590,9 @@ class DeploymentGate:
         if not safe.all():
             self.rollbacks += 1
             self.deployed.load_state_dict(self.fallback)
+            if self.learner_deployed:
+                self.pass_cost *= self.tightening
+                self.learner_deployed = False
         if test_cost is None:
             return
         self.tests += 1
@@ -596,11 +608,12 @@ class DeploymentGate:
             return
         self.fallback = copy.deepcopy(self.deployed.state_dict())  # (after a rollback: the policy before it)
         self.deployed.load_state_dict(learner.state_dict())
-        self.streak, self.deployments = 0, self.deployments + 1
+        self.streak, self.deployments, self.learner_deployed = 0, self.deployments + 1, True
 
     def state_dict(self) -> dict:
         return {"wait": self.wait, "countdown": self.countdown, "tests": self.tests, "streak": self.streak,
-                "deployments": self.deployments, "rollbacks": self.rollbacks}
+                "deployments": self.deployments, "rollbacks": self.rollbacks, "pass_cost": self.pass_cost,
+                "learner_deployed": self.learner_deployed}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -857,8 +870,8 @@ def main(args: Args) -> dict:
         csv.seek(0, os.SEEK_END)
     # gated deployment: `gate.deployed` runs the episodes, `agent.actor` learns
     gate = DeploymentGate(agent.actor, args.cost_limit, args.gate_max_wait, args.gate_passes,
-                          pass_cost=(1 - args.cost_margin) * args.cost_limit,
-                          passes_unsafe=args.gate_passes_unsafe) if args.deploy == "gated" else None
+                          pass_cost=(1 - args.cost_margin) * args.cost_limit, passes_unsafe=args.gate_passes_unsafe,
+                          tightening=args.rollback_tightening) if args.deploy == "gated" else None
     deployed = gate.deployed if gate else agent.actor
     anchor = deployed if args.bc_target != "replay" else None  # the anchor's target policy (--bc-target)
     # the critic's per-step discounted cost-to-go in episode-cost units: Qc·(1−γ)T/(1−γ^T) (inverse of q_thres)
@@ -970,7 +983,9 @@ def main(args: Args) -> dict:
             test = (returns[0], costs[0]) if testing else ()
             gate.update(agent.actor, returns[len(test) > 0:], costs[len(test) > 0:], *test)
             if testing:
-                agent.bc_weight = next_bc_weight(agent.bc_weight, float(costs[0]), args)
+                agent.bc_weight = next_bc_weight(agent.bc_weight, float(costs[0]), gate.pass_cost, args)
+            if args.lagrangian != "fixed":  # λ aims where the gate deploys, lower after each rollback
+                lagrangian.cost_limit = gate.pass_cost
         replay.add({**batch, "rewards": batch["rewards"] * args.reward_scale})
         env_steps += len(batch["rewards"])
         episodes_done += n

@@ -48,8 +48,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The paper's online phase, spelled out: sac_lag_apid.py's defaults are the safe-finetuning configuration
 # (docs/algorithms.md, "Safe finetuning"), so the paper's methods switch each of its mechanisms off.
 # (the same settings as sac_lag_apid.py --paper, spelled out so that a method can still change one of them)
-PAPER = ["--deploy", "learner", "--bc-weight", "0", "--offline-ratio", "0", "--cost-signal", "episodes",
-         "--no-bounded-gain-adaptation", "--updates-per-iter", "20", "--batch-size", "64", "--cost-margin", "0"]
+PAPER = ["--deploy", "learner", "--bc-weight", "0", "--bc-target", "replay", "--bc-growth", "1",
+         "--offline-ratio", "0", "--cost-signal", "episodes", "--no-bounded-gain-adaptation",
+         "--updates-per-iter", "20", "--batch-size", "64", "--cost-margin", "0"]
 # method → (starting point, extra sac_lag_apid.py flags). "vpa": the VPA-aligned checkpoint; "offline": the offline
 # checkpoint as it is; "scratch": random networks. `recommended` is what marvel_full.py runs by default; the six of
 # the paper (its Figures 3 and 5) follow.
@@ -75,6 +76,7 @@ VARIANTS = {
     "costfloor": ["--cost-value-floor"],                           # Qc' ≥ 0 in the cost target
     "anchor": ["--bc-target", "deployed", "--bc-growth", "2"],     # anchor: the deployed policy, w ×2 per failed test
     "anchor2": ["--bc-target", "both", "--bc-growth", "2"],        # + a deployed-policy anchor grown by failed tests
+    "tighten": ["--rollback-tightening", "0.5"],                   # halve the gate's pass cost after each rollback
     "passes2": ["--gate-passes", "2"],                             # deploy after two consecutive passed tests
     "fastunsafe": ["--gate-passes-unsafe", "1"],                   # but one pass replaces a policy over the limit
     "growonlimit": ["--bc-growth-on", "limit"],                    # the anchor grows only after tests over d

@@ -139,12 +139,13 @@ def test_bc_weight_grows_after_failed_tests_and_shrinks_after_passes():
     w = 0.4
     for test_cost, expected in [(15.0, 0.8), (30.0, 1.6), (10.5, 3.0), (11.0, 3.0),  # over (1 − m)·d = 10: ×2, ≤ 3
                                 (10.0, 1.5), (0.0, 0.75), (5.0, 0.4), (0.0, 0.4)]:  # at or under 10: ÷2, ≥ 0.4
-        w = sl.next_bc_weight(w, test_cost, args)
+        w = sl.next_bc_weight(w, test_cost, 10.0, args)
         assert w == pytest.approx(expected)
-    assert sl.next_bc_weight(0.4, 50.0, sl.Args(bc_weight=0.4)) == 0.4  # --bc-growth 1: a constant weight
+    constant = sl.Args(bc_weight=0.4, bc_growth=1.0)
+    assert sl.next_bc_weight(0.4, 50.0, 10.0, constant) == 0.4  # --bc-growth 1: a constant weight
     on_limit = sl.Args(bc_weight=0.4, bc_growth=2.0, cost_limit=20.0, cost_margin=0.5, bc_growth_on="limit")
-    assert sl.next_bc_weight(0.8, 15.0, on_limit) == pytest.approx(0.4)  # over (1 − m)·d but within d: a pass here
-    assert sl.next_bc_weight(0.8, 21.0, on_limit) == pytest.approx(1.6)
+    assert sl.next_bc_weight(0.8, 15.0, 10.0, on_limit) == pytest.approx(0.4)  # over the target but within d: a pass
+    assert sl.next_bc_weight(0.8, 21.0, 10.0, on_limit) == pytest.approx(1.6)
 
 
 def test_value_normalisation_makes_the_loss_scale_free():
@@ -236,6 +237,24 @@ def test_gate_deploys_only_at_its_pass_cost():
     assert who(gate) == 1.0
 
 
+def test_gate_tightens_its_pass_cost_when_a_deployed_learner_rolls_back():
+    """--rollback-tightening β: the rollback of a learner the gate deployed multiplies pass_cost by β; violations of
+    the starting policy (nothing deployed yet) or of a fallback do not."""
+    gate = sl.DeploymentGate(policy(0.0), cost_limit=20.0, max_wait=8, pass_cost=10.0, tightening=0.5)
+    gate.update(policy(1.0), np.array([400.0]), np.array([30.0]))  # the start breaks the limit: no test to blame
+    assert gate.rollbacks == 1 and gate.pass_cost == 10.0
+    gate.update(policy(1.0), *SAFE_EPISODES, 500.0, 8.0)  # a pass at ≤ 10: deployed
+    assert who(gate) == 1.0
+    gate.update(policy(2.0), np.array([400.0]), np.array([25.0]))  # the deployed learner breaks d: rolled back
+    assert who(gate) == 0.0 and gate.rollbacks == 2 and gate.pass_cost == 5.0
+    gate.update(policy(2.0), np.array([400.0]), np.array([25.0]))  # now the fallback breaks it: no second halving
+    assert gate.rollbacks == 3 and gate.pass_cost == 5.0
+    gate.update(policy(2.0), *SAFE_EPISODES, 500.0, 8.0)  # 8 passed before; now it is over the pass cost
+    assert who(gate) == 0.0
+    gate.update(policy(2.0), *SAFE_EPISODES, 500.0, 5.0)
+    assert who(gate) == 2.0 and gate.state_dict()["pass_cost"] == 5.0
+
+
 @pytest.mark.parametrize("iterations, max_wait", [(100, 16), (100, 4), (1000, 16)])
 def test_gate_bounds_the_tests_of_an_always_unsafe_learner(iterations, max_wait):
     """Tests over the limit come at waits 1, 2, 4, …, max_wait: at most log₂(max_wait) + 1 + K/max_wait of them."""
@@ -315,14 +334,20 @@ def test_cli_gated_run_keeps_the_deployed_actor(tmp_path, dataset_file, signal):
 def test_tests_signal_holds_the_latest_test_cost(tmp_path, dataset_file):
     """--cost-signal tests: the controller is updated every iteration, with the latest test's cost also in the
     iterations without a test. Only the first iteration tests here (test_due patched); 8 episodes at 2 per iteration
-    are 4 updates, so aPID's history holds 1 + 4 entries (without the hold it would hold 1 + 1). In a subprocess:
-    Bullet cannot start under pytest's captured stdout."""
+    are 4 updates, so aPID's history holds 1 + 4 entries (without the hold it would hold 1 + 1). The controller aims
+    where the gate deploys: a pass cost moved to 3 (as rollbacks would move it) becomes aPID's target. In a
+    subprocess: Bullet cannot start under pytest's captured stdout."""
     script = f"""
 import sys, tyro
 sys.path.insert(0, {ROOT!r})
 import sac_lag_apid as sl
 calls = iter(range(100))
 sl.DeploymentGate.test_due = lambda self: next(calls) == 0
+update = sl.DeploymentGate.update
+def update_then_move_the_pass_cost(self, *args):
+    update(self, *args)
+    self.pass_cost = 3.0
+sl.DeploymentGate.update = update_then_move_the_pass_cost
 sl.main(tyro.cli(sl.Args))
 """
     proc = subprocess.run([sys.executable, "-c", script, "--no-cuda", "--hidden-sizes", "32", "32",
@@ -333,6 +358,7 @@ sl.main(tyro.cli(sl.Args))
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = torch.load(tmp_path / "s.pt", weights_only=True)
     assert ckpt["gate"]["tests"] == 1 and len(ckpt["lagrange"]["history"]) == 1 + 4
+    assert ckpt["gate"]["pass_cost"] == ckpt["lagrange"]["target"] == 3.0
 
 
 def test_cli_anchor_to_the_deployed_policy_runs_and_logs_its_weight(tmp_path, dataset_file):
@@ -349,6 +375,7 @@ def test_cli_anchor_to_the_deployed_policy_runs_and_logs_its_weight(tmp_path, da
                                             (["--lagrangian-init", "-1"], "--lagrangian-init"),
                                             (["--deploy", "learner"], "--deploy gated"),
                                             (["--cost-margin", "1"], "--cost-margin"),
+                                            (["--rollback-tightening", "0"], "--rollback-tightening"),
                                             (["--bc-growth", "0.5"], "--bc-growth"),
                                             (["--bc-weight-max", "0.1"], "--bc-weight-max"),
                                             (["--bc-target", "deployed", "--deploy", "learner",
