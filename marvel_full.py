@@ -13,7 +13,8 @@ The three stages, each a verbatim copy of its standalone file's definitions (tes
      regularised targets (α_vpa for Q, α_c_vpa < α_vpa for Qc) on the offline data.
   3. Online finetuning, sac_lag_apid.py: SAC-Lagrangian whose λ comes from the adaptive PID controller, updated once
      per iteration. By default behind a deployment gate (the learner is deployed only after a test episode at or
-     under (1 − m)·d, the cost λ steers it to, and at least as good), with a BC anchor to the replay's actions and
+     under (1 − m)·d = d/2, the cost λ steers it to, halved after each rollback, and at least as good), with a BC
+     anchor to the replay's actions plus one to the deployed policy that grows while the learner's tests fail, and
      half offline data per minibatch; `--paper` is the published phase (see sac_lag_apid.py, docs/algorithms.md).
 Each stage writes its checkpoint into --save-dir as soon as it ends (cpq.pt, vpa.pt, sac_lag.pt), and stage 1 also
 keeps its whole state in cpq_resume.pt (cpq.py's *_resume.pt): Ctrl-C exits with status 130 and one line saying what
@@ -178,7 +179,7 @@ class Args:
     paper: bool = False
     ("the paper's online phase: sets every safe-finetuning flag below to its paper value (PAPER_ONLINE: no gate, "
      "SAC-Lag actor, online data only, λ from the episodes' costs, unbounded aPID adaptation, 20 updates of 64, "
-     "no cost margin)")
+     "λ aimed at d)")
     bounded_gain_adaptation: bool = True
     ("aPID: divide the gain adaptation by max(c̃, d) instead of c̃, so one update changes a gain by at most a factor "
      "1 ± a (the paper's c̃ sends the gains to K⁰/10 after a single iteration far under the limit)")
@@ -189,11 +190,11 @@ class Args:
     bc_weight: float = 0.4
     ("w₀ > 0: actor loss α log π − (min Q − λQc)/ν + w₀‖ã − a‖² with ν = mean|min Q − λQc| and a the minibatch's "
      "actions (TD3+BC-style, anchored to the replay's actions; --bc-growth adds more); 0: the paper's SAC-Lag actor")
-    bc_target: Literal["replay", "deployed", "both"] = "replay"
+    bc_target: Literal["replay", "deployed", "both"] = "both"
     ("the anchor's target a in w‖ã − a‖²: the minibatch's actions (`replay`), the deployed policy's mean action "
      "tanh μ_dep(s) (`deployed`: a trust region round the last policy that passed a test), or `both`: --bc-weight on "
      "the replay's actions and what --bc-growth adds on the deployed policy's")
-    bc_growth: float = 1.0
+    bc_growth: float = 2.0
     ("g > 1: after each learner test over the controller's target (1 − m)·d the anchor weight is multiplied by g, "
      "after each one at or under it divided by g, within [--bc-weight, --bc-weight-max] (1: a constant weight)")
     bc_weight_max: float = 100.0
@@ -208,7 +209,7 @@ class Args:
     ("the λ controller steers the learner's episode cost to (1 − margin)·d rather than to the limit d itself, and the "
      "gate deploys the learner only after a test at or under that cost (a policy whose mean cost sits at the limit "
      "breaks it in about half of its episodes); 0: the paper")
-    rollback_tightening: float = 1.0
+    rollback_tightening: float = 0.5
     ("gated: after each rollback of a learner the gate deployed, the controller's target and the gate's pass cost, "
      "at first (1 − margin)·d, are multiplied by this (a deployed policy that broke the limit is evidence that a "
      "test at that cost does not certify the next one); 1: fixed")
@@ -252,7 +253,7 @@ ENV_DEFAULTS = {
 # --paper: the online phase as published (Marvel's SAC-Lag + aPID); the defaults are the safe-finetuning configuration
 PAPER_ONLINE = {"deploy": "learner", "bc_weight": 0.0, "offline_ratio": 0.0, "cost_signal": "episodes",
                 "bounded_gain_adaptation": False, "updates_per_iter": 20, "batch_size": 64,
-                "cost_margin": 0.0}
+                "cost_margin": 0.0, "bc_target": "replay", "bc_growth": 1.0, "rollback_tightening": 1.0}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,13 +9,16 @@ Each iteration k: collect `episodes_per_iter` stochastic episodes, update the λ
 `updates_per_iter` gradient steps on minibatches from the replay buffer (half of each from the offline data):
     y   = r + γ(1−term)·( min Q'(s', a') − α·log π(a'|s') ),   a' ~ π(s')
     y_c = c + γ(1−term)·Qc'(s', a')                            (no entropy in the cost target)
-    L_π = mean( α·log π(ã|s) − (min Q − λQc)(s, ã)/ν + w‖ã − a‖² ),  ã ~ π(s), ν = mean|min Q − λQc|
+    L_π = mean( α·log π(ã|s) − (min Q − λQc)(s, ã)/ν + w₀‖ã − a‖² + (w − w₀)‖ã − tanh μ_dep(s)‖² ),  ã ~ π(s),
+          ν = mean|min Q − λQc|
 λ comes from `--lagrangian`: apid (adaptive gains), pid (fixed gains), dual (projected gradient ascent) or fixed.
-Safe finetuning (the defaults; docs/algorithms.md): the episodes are run by the *deployed* policy, the last learner
-snapshot that passed a test episode (cost at most the controller's target (1 − m)·d, return at least as good), and λ
-sees the learner's test episodes (the latest one's cost, held until the next).
+Safe finetuning (the defaults; docs/algorithms.md): the episodes are run by the *deployed* policy μ_dep, the last
+learner snapshot that passed a test episode (cost at most the controller's target, at first (1 − m)·d = d/2 and
+halved after each rollback of a deployed learner; return at least as good); λ sees the learner's test episodes (the
+latest one's cost, held until the next); and the anchor weight w, w₀ on the replay's actions a, doubles after each
+failed test and halves after each pass.
 `--paper` is the published phase: the learner collects, w = 0 (the SAC-Lag actor), online data only, λ from the
-iteration's mean episode cost, 20 updates of 64.
+iteration's mean episode cost, aimed at d itself, 20 updates of 64.
 """
 import copy
 import math
@@ -107,7 +110,7 @@ class Args:
     paper: bool = False
     ("the paper's online phase: sets every safe-finetuning flag below to its paper value (PAPER_ONLINE: no gate, "
      "SAC-Lag actor, online data only, λ from the episodes' costs, unbounded aPID adaptation, 20 updates of 64, "
-     "no cost margin)")
+     "λ aimed at d)")
     bounded_gain_adaptation: bool = True
     ("aPID: divide the gain adaptation by max(c̃, d) instead of c̃, so one update changes a gain by at most a factor "
      "1 ± a (the paper's c̃ sends the gains to K⁰/10 after a single iteration far under the limit)")
@@ -118,11 +121,11 @@ class Args:
     bc_weight: float = 0.4
     ("w₀ > 0: actor loss α log π − (min Q − λQc)/ν + w₀‖ã − a‖² with ν = mean|min Q − λQc| and a the minibatch's "
      "actions (TD3+BC-style, anchored to the replay's actions; --bc-growth adds more); 0: the paper's SAC-Lag actor")
-    bc_target: Literal["replay", "deployed", "both"] = "replay"
+    bc_target: Literal["replay", "deployed", "both"] = "both"
     ("the anchor's target a in w‖ã − a‖²: the minibatch's actions (`replay`), the deployed policy's mean action "
      "tanh μ_dep(s) (`deployed`: a trust region round the last policy that passed a test), or `both`: --bc-weight on "
      "the replay's actions and what --bc-growth adds on the deployed policy's")
-    bc_growth: float = 1.0
+    bc_growth: float = 2.0
     ("g > 1: after each learner test over the controller's target (1 − m)·d the anchor weight is multiplied by g, "
      "after each one at or under it divided by g, within [--bc-weight, --bc-weight-max] (1: a constant weight)")
     bc_weight_max: float = 100.0
@@ -137,7 +140,7 @@ class Args:
     ("the λ controller steers the learner's episode cost to (1 − margin)·d rather than to the limit d itself, and the "
      "gate deploys the learner only after a test at or under that cost (a policy whose mean cost sits at the limit "
      "breaks it in about half of its episodes); 0: the paper")
-    rollback_tightening: float = 1.0
+    rollback_tightening: float = 0.5
     ("gated: after each rollback of a learner the gate deployed, the controller's target and the gate's pass cost, "
      "at first (1 − margin)·d, are multiplied by this (a deployed policy that broke the limit is evidence that a "
      "test at that cost does not certify the next one); 1: fixed")
@@ -189,7 +192,7 @@ ENV_DEFAULTS = {
 # --paper: the online phase as published (Marvel's SAC-Lag + aPID); the defaults are the safe-finetuning configuration
 PAPER_ONLINE = {"deploy": "learner", "bc_weight": 0.0, "offline_ratio": 0.0, "cost_signal": "episodes",
                 "bounded_gain_adaptation": False, "updates_per_iter": 20, "batch_size": 64,
-                "cost_margin": 0.0}
+                "cost_margin": 0.0, "bc_target": "replay", "bc_growth": 1.0, "rollback_tightening": 1.0}
 
 
 # ----------------------------------------------------------------------------------------------------------

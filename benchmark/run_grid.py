@@ -50,7 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (the same settings as sac_lag_apid.py --paper, spelled out so that a method can still change one of them)
 PAPER = ["--deploy", "learner", "--bc-weight", "0", "--bc-target", "replay", "--bc-growth", "1",
          "--offline-ratio", "0", "--cost-signal", "episodes", "--no-bounded-gain-adaptation",
-         "--updates-per-iter", "20", "--batch-size", "64", "--cost-margin", "0"]
+         "--updates-per-iter", "20", "--batch-size", "64", "--cost-margin", "0", "--rollback-tightening", "1"]
 # method → (starting point, extra sac_lag_apid.py flags). "vpa": the VPA-aligned checkpoint; "offline": the offline
 # checkpoint as it is; "scratch": random networks. `recommended` is what marvel_full.py runs by default; the six of
 # the paper (its Figures 3 and 5) follow.
@@ -74,9 +74,10 @@ VARIANTS = {
     "actorlr0.1x": ["--actor-lr", "5e-6"],                         # CarRun's actor lr / 10
     "criticlr0.1x": ["--critic-lr", "5e-4", "--cost-critic-lr", "8e-4"],  # CarRun's critic lrs / 10
     "costfloor": ["--cost-value-floor"],                           # Qc' ≥ 0 in the cost target
-    "anchor": ["--bc-target", "deployed", "--bc-growth", "2"],     # anchor: the deployed policy, w ×2 per failed test
-    "anchor2": ["--bc-target", "both", "--bc-growth", "2"],        # + a deployed-policy anchor grown by failed tests
-    "tighten": ["--rollback-tightening", "0.5"],                   # halve the gate's pass cost after each rollback
+    "anchor": ["--bc-target", "deployed"],                         # all of the anchor on the deployed policy
+    "replayanchor": ["--bc-target", "replay", "--bc-growth", "1"],  # only the constant anchor to the replay's actions
+    "notighten": ["--rollback-tightening", "1"],                   # a fixed pass cost and target, (1 − m)·d
+    "margin75": ["--cost-margin", "0.75"],                         # λ and the gate aim at d/4 instead of d/2
     "passes2": ["--gate-passes", "2"],                             # deploy after two consecutive passed tests
     "fastunsafe": ["--gate-passes-unsafe", "1"],                   # but one pass replaces a policy over the limit
     "growonlimit": ["--bc-growth-on", "limit"],                    # the anchor grows only after tests over d
