@@ -27,10 +27,11 @@ import tyro
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-LABELS = {"recommended": "Recommended (defaults: gated, BC-anchored)",
+LABELS = {"recommended": "Recommended (defaults: gated, growing anchor, target halved per rollback)",
           "recommended_8a3a5ad": "Recommended as of 8a3a5ad (deploy at ≤ d, no margin, no hold)",
-          "recommended+anchor": "Recommended, anchored to the deployed policy (--bc-target deployed --bc-growth 2)",
-          "recommended+anchor2": "Recommended + a deployed anchor grown by failed tests (--bc-target both)",
+          "recommended_daecbfc": "Recommended as of daecbfc (constant anchor to the replay's actions)",
+          "recommended+anchor2_d77f5ce": "+ growing anchor, as of d77f5ce (no rollback tightening)",
+          "recommended+anchor_d77f5ce": "+ growing anchor, all on the deployed policy, as of d77f5ce",
           "marvel": "Marvel (VPA + aPID)", "warm_start": "Warm Start (SAC-Lag, dual)", "apid_only": "aPID only",
           "vpa_only": "VPA only (dual)", "vpa_pid": "VPA + PID", "scratch": "From Scratch (paper schedule)",
           "scratch_standard": "From Scratch (1 update/step)", "famo2o_offline15k": "FamO2O-Lag (15k offline steps)",
