@@ -195,7 +195,7 @@ class Args:
      "tanh μ_dep(s) (`deployed`: a trust region round the last policy that passed a test), or `both`: --bc-weight on "
      "the replay's actions and what --bc-growth adds on the deployed policy's")
     bc_growth: float = 2.0
-    ("g > 1: after each learner test over the controller's target (1 − m)·d the anchor weight is multiplied by g, "
+    ("gated: g > 1: after each learner test over the controller's target the anchor weight is multiplied by g, "
      "after each one at or under it divided by g, within [--bc-weight, --bc-weight-max] (1: a constant weight)")
     bc_weight_max: float = 100.0
     """upper bound of the anchor weight with --bc-growth"""
@@ -1391,10 +1391,11 @@ def check_args(args: Args) -> None:
             ("kl_weight", args.kl_weight, args.kl_weight >= 0, ">= 0"),
             ("alpha_c_vpa", args.alpha_c_vpa, 0 <= args.alpha_c_vpa < args.alpha_vpa,
              ">= 0 and < --alpha-vpa (the paper's condition)")])
-    if args.cost_signal == "tests" and args.deploy != "gated":
-        raise InputError("--cost-signal tests needs --deploy gated (only the gate runs test episodes)")
-    if (args.bc_target != "replay" or args.bc_growth > 1) and args.deploy != "gated":
-        raise InputError("--bc-target deployed/both and --bc-growth need --deploy gated (the gate's tests and policy)")
+    needs_gate = [flag for flag, on in (("--cost-signal tests", args.cost_signal == "tests"),
+                                        (f"--bc-target {args.bc_target}", args.bc_target != "replay")) if on]
+    if needs_gate and args.deploy != "gated":  # only the gate runs test episodes and keeps a deployed policy
+        raise InputError(f"--deploy {args.deploy}: {' and '.join(needs_gate)} need --deploy gated; add "
+                         f"--cost-signal episodes --bc-target replay, or use --paper for the whole published phase")
 
 
 def resolve_defaults(args: Args) -> Args:

@@ -373,13 +373,13 @@ def test_cli_anchor_to_the_deployed_policy_runs_and_logs_its_weight(tmp_path, da
                                             (["--gate-max-wait", "0"], ">= 1"),
                                             (["--gate-passes", "0"], "--gate-passes"),
                                             (["--lagrangian-init", "-1"], "--lagrangian-init"),
-                                            (["--deploy", "learner"], "--deploy gated"),
+                                            (["--deploy", "learner"], "--cost-signal tests and --bc-target both need"),
                                             (["--cost-margin", "1"], "--cost-margin"),
                                             (["--rollback-tightening", "0"], "--rollback-tightening"),
                                             (["--bc-growth", "0.5"], "--bc-growth"),
                                             (["--bc-weight-max", "0.1"], "--bc-weight-max"),
                                             (["--bc-target", "deployed", "--deploy", "learner",
-                                              "--cost-signal", "episodes"], "--bc-target deployed/both")])
+                                              "--cost-signal", "episodes"], "--bc-target deployed need")])
 def test_cli_refuses_bad_mechanism_flags(tmp_path, flags, message):
     proc = cli(*flags, cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and message in proc.stderr
