@@ -1394,8 +1394,9 @@ def check_args(args: Args) -> None:
     needs_gate = [flag for flag, on in (("--cost-signal tests", args.cost_signal == "tests"),
                                         (f"--bc-target {args.bc_target}", args.bc_target != "replay")) if on]
     if needs_gate and args.deploy != "gated":  # only the gate runs test episodes and keeps a deployed policy
-        raise InputError(f"--deploy {args.deploy}: {' and '.join(needs_gate)} need --deploy gated; add "
-                         f"--cost-signal episodes --bc-target replay, or use --paper for the whole published phase")
+        raise InputError(f"--deploy {args.deploy}: {' and '.join(needs_gate)} need{'s' * (len(needs_gate) == 1)} "
+                         f"--deploy gated; add --cost-signal episodes --bc-target replay, or use --paper for the whole "
+                         f"published phase")
 
 
 def resolve_defaults(args: Args) -> Args:

@@ -379,7 +379,7 @@ def test_cli_anchor_to_the_deployed_policy_runs_and_logs_its_weight(tmp_path, da
                                             (["--bc-growth", "0.5"], "--bc-growth"),
                                             (["--bc-weight-max", "0.1"], "--bc-weight-max"),
                                             (["--bc-target", "deployed", "--deploy", "learner",
-                                              "--cost-signal", "episodes"], "--bc-target deployed need")])
+                                              "--cost-signal", "episodes"], "--bc-target deployed needs --deploy gated")])
 def test_cli_refuses_bad_mechanism_flags(tmp_path, flags, message):
     proc = cli(*flags, cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and message in proc.stderr
