@@ -560,6 +560,11 @@ def check_args(args: Args) -> None:
 
 def main(args: Args) -> dict:
     check_args(args)
+    # From here on Ctrl-C only sets a flag, read at the end of a training step (or evaluation), where the state is
+    # whole and --resume can continue from it; before training it ends the run with one line. (Python's default
+    # KeyboardInterrupt strikes at any bytecode, mid-update, and one raised inside a finalizer is dropped.)
+    interrupted = []
+    default_sigint = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -642,10 +647,9 @@ def main(args: Args) -> dict:
             "optimizers": {k: v.state_dict() for k, v in vars(agent).items() if isinstance(v, torch.optim.Optimizer)},
             "eval_action": None if env.action is None else torch.as_tensor(env.action), "rng": rng}})
 
-    # From here on Ctrl-C stops the run at the end of the current step (or evaluation), where its state is whole,
-    # and saves it for --resume; the default KeyboardInterrupt would strike in the middle of an update
-    interrupted = []
-    default_sigint = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    if interrupted:  # Ctrl-C during the set-up: nothing to save yet
+        signal.signal(signal.SIGINT, default_sigint)
+        raise KeyboardInterrupt()
     print(f"{args.env_id}: {num_transitions} transitions from {path}; q_thres={q_thres:.3f} on {device}"
           + (f"; resuming after step {first_step - 1}" if resume else ""))
     start = time.time()
