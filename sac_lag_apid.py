@@ -130,9 +130,6 @@ class Args:
      "after each one at or under it divided by g, within [--bc-weight, --bc-weight-max] (1: a constant weight)")
     bc_weight_max: float = 100.0
     """upper bound of the anchor weight with --bc-growth"""
-    bc_growth_on: Literal["target", "limit"] = "target"
-    ("which learner tests count as failed for --bc-growth: those over the controller's target (1 − m)·d, or only "
-     "those over the limit d")
     deploy: Literal["learner", "gated"] = "gated"
     ("who collects the online episodes: the learner (the paper), or `gated`: the last policy that passed a test "
      "episode (cost at most (1 − margin)·d, return at least that of the deployed policy's safe episodes)")
@@ -540,10 +537,9 @@ class FixedLagrangian:
 
 def next_bc_weight(weight: float, test_cost: float, target: float, args: Args) -> float:
     """--bc-growth g: the anchor weight after a learner test, w·g if the test cost more than the controller's
-    `target` (--bc-growth-on limit: more than d), else w/g, kept within [--bc-weight, --bc-weight-max]: the
-    learner is held closer to the deployed policy while its tests fail and let go as they pass."""
-    failed_over = target if args.bc_growth_on == "target" else args.cost_limit
-    if test_cost > failed_over:
+    `target`, else w/g, kept within [--bc-weight, --bc-weight-max]: the learner is held closer to the deployed
+    policy while its tests fail and let go as they pass."""
+    if test_cost > target:
         return min(weight * args.bc_growth, args.bc_weight_max)
     return max(weight / args.bc_growth, args.bc_weight)
 

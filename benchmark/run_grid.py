@@ -80,7 +80,6 @@ VARIANTS = {
     "margin75": ["--cost-margin", "0.75"],                         # λ and the gate aim at d/4 instead of d/2
     "passes2": ["--gate-passes", "2"],                             # deploy after two consecutive passed tests
     "fastunsafe": ["--gate-passes-unsafe", "1"],                   # but one pass replaces a policy over the limit
-    "growonlimit": ["--bc-growth-on", "limit"],                    # the anchor grows only after tests over d
 }
 
 

@@ -143,9 +143,6 @@ def test_bc_weight_grows_after_failed_tests_and_shrinks_after_passes():
         assert w == pytest.approx(expected)
     constant = sl.Args(bc_weight=0.4, bc_growth=1.0)
     assert sl.next_bc_weight(0.4, 50.0, 10.0, constant) == 0.4  # --bc-growth 1: a constant weight
-    on_limit = sl.Args(bc_weight=0.4, bc_growth=2.0, cost_limit=20.0, cost_margin=0.5, bc_growth_on="limit")
-    assert sl.next_bc_weight(0.8, 15.0, 10.0, on_limit) == pytest.approx(0.4)  # over the target but within d: a pass
-    assert sl.next_bc_weight(0.8, 21.0, 10.0, on_limit) == pytest.approx(1.6)
 
 
 def test_value_normalisation_makes_the_loss_scale_free():
