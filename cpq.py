@@ -1,32 +1,28 @@
 """CPQ: Constraints Penalized Q-learning (Xu, Zhan, Zhu, AAAI 2022) for offline safe RL, in one file.
 
-    python cpq.py --env-id OfflineCarRun-v0
+    python cpq.py --env-id OfflineCarRun-v0      # → runs/<run>/cpq.pt, the input of vpa.py and sac_lag_apid.py
 
-Trains on a DSRL-format dataset and writes a checkpoint (format "o2o-safe-rl/1") that vpa.py and
-sac_lag_apid.py load strictly. Per gradient step on a batch (s, a, r, c, s', term):
-  1. VAE behaviour model of p(a|s), used to tell out-of-distribution (OOD) actions apart.
-  2. Cost critic: TD on c + γ(1−term)·Qc'(s', a'), plus an OOD penalty that pushes the cost estimate of OOD
-     policy actions *up* (it carries gradient into Qc, unlike the OSRL code). Default (`--ood-penalty hinge`):
-     α_c·mean relu(qc_thres − Qc(s, a_ood)), i.e. up to qc_thres and no further. The paper's linear form
-     −α_c·mean Qc(s, a_ood) (`--ood-penalty linear`) diverges on CarRun: benchmark/results/cpq_divergence/.
+Per gradient step on a batch (s, a, r, c, s', term) of a DSRL dataset, a' ~ π(·|s'):
+  1. VAE behaviour model of p(a|s); its KL tells out-of-distribution (OOD) actions apart.
+  2. Cost critic: TD on c + γ(1−term)·Qc'(s', a') plus an OOD penalty that pushes Qc of OOD policy actions *up*
+     (with gradient into Qc, unlike OSRL's code): α_c·mean relu(qc_thres − Qc(s, a_ood)) by default (`hinge`);
+     the paper's linear −α_c·mean Qc(s, a_ood) (`--ood-penalty linear`) diverges on CarRun.
   3. α_c by dual ascent so that mean Qc(s, a_ood) ≥ qc_thres.
   4. Reward critic: TD on r + γ(1−term)·1[Qc'(s', a') ≤ q_thres]·min Q'(s', a').
-  5. Actor: maximise 1[Qc(s, ã) ≤ q_thres]·min Q(s, ã). With `--actor-escape` (default on) a second actor step
-     on the same loss plus mean(1[Qc(s, ã) > q_thres]·Qc(s, ã)), so an actor whose actions all look unsafe still
-     gets a gradient (the paper's actor has none there).
+  5. Actor: maximise 1[Qc(s, ã) ≤ q_thres]·min Q(s, ã); with `--actor-escape` (default) a second step that also
+     lowers Qc(s, ã) where it is over q_thres, so an actor whose actions all look unsafe still gets a gradient.
   6. Polyak-average the target critics.
+The checkpoint with the best evaluation is kept (safe first, then return); `*_last.pt` beside it holds the latest
+evaluation's weights and optimizers for `--resume`.
 """
 import math
 import os
 import random
-import shutil
-import signal
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
-from typing import Callable, Literal, Optional, Tuple
+from typing import Literal, Optional, Tuple
 
 os.environ.setdefault("DSRL_SUPPRESS_IMPORT_ERROR", "1")  # dsrl warns about suites we do not install
 import dsrl  # noqa: F401  (registers the Offline*-v0 environments)
@@ -43,81 +39,41 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    # help that spans lines is one implicitly joined string: tyro keeps the line breaks of a multi-line docstring
-    exp_name: str = "cpq"
-    """name of this experiment (part of the run name)"""
-    env_id: str = "OfflineCarRun-v0"
-    ("DSRL environment id, e.g. OfflineBallCircle-v0, OfflineBallRun-v0, OfflineCarCircle-v0, OfflineCarRun-v0, "
-     "OfflineDroneCircle-v0, OfflineDroneRun-v0, OfflineAntCircle-v0, OfflineAntRun-v0 (data bundled for "
-     "the Ball and Car tasks; the Drone and Ant tasks need benchmark/collect_dataset.py first)")
-    seed: int = 0
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """set `torch.backends.cudnn.deterministic`"""
-    cuda: bool = True
-    """use CUDA when it is available"""
-    track: bool = False
-    """log to Weights and Biases (needs wandb installed and a login)"""
-    wandb_project_name: str = "o2o-safe-rl"
-    """wandb project name"""
-    dataset_path: Optional[str] = None
-    """DSRL-format HDF5 file; default: DSRL cache, then datasets/<env-id>.hdf5, then download"""
-    save_path: Optional[str] = None
-    """checkpoint path (default runs/<run-name>/cpq.pt); the last step is saved beside it as *_last.pt"""
-    resume: Optional[str] = None
-    """a *_resume.pt file (written beside the checkpoint at every evaluation and on Ctrl-C) to continue from"""
-    cost_limit: float = 20.0
-    """episode cost limit d (undiscounted sum of per-step costs)"""
-    total_steps: int = 100_000
-    """gradient steps"""
-    batch_size: int = 512
-    """minibatch size"""
-    eval_every: int = 5_000
-    """evaluate (and maybe keep as best) every this many steps"""
-    eval_episodes: int = 10
-    """deterministic evaluation episodes"""
-    gamma: float = 0.99
-    """discount factor"""
-    tau: float = 0.005
-    """target-network Polyak rate"""
-    reward_scale: float = 0.1
-    """rewards are multiplied by this in training (returns are reported unscaled)"""
-    hidden_sizes: Tuple[int, ...] = (256, 256)
-    """hidden layers of actor and critics"""
-    actor_lr: float = 1e-4
-    """actor learning rate"""
-    critic_lr: float = 1e-3
-    """reward and cost critic learning rate"""
-    vae_lr: float = 1e-3
-    """VAE learning rate"""
-    alpha_lr: float = 1e-4
-    """learning rate of log α_c (OOD cost-penalty weight)"""
-    vae_hidden: int = 400
-    """VAE hidden width (two layers each in encoder and decoder)"""
-    kl_weight: float = 0.5
-    """β_kl of the VAE loss"""
-    num_ood_samples: int = 10
-    """policy actions sampled per state for the OOD penalty"""
-    ood_quantile: float = 0.75
-    """an action is OOD when its VAE KL is at or above this quantile of the batch (the top 25 % by default)"""
-    qc_thres_factor: float = 1.5
-    """qc_thres = factor · q_thres"""
-    ood_penalty: Literal["hinge", "linear"] = "hinge"
-    ("cost penalty on OOD actions: hinge α_c·relu(qc_thres − Qc) (bounded), or linear −α_c·Qc (the paper's; "
-     "diverges on CarRun)")
-    actor_escape: bool = True
-    """a second actor step per update that also lowers Qc(s, ã) where Qc(s, ã) > q_thres (off = the paper's)"""
+    exp_name: str = "cpq"  # name of this experiment (part of the run name)
+    env_id: str = "OfflineCarRun-v0"  # DSRL task: Offline{Ball,Car,Drone,Ant}{Run,Circle}-v0
+    seed: int = 0  # seed of the experiment
+    torch_deterministic: bool = True  # set `torch.backends.cudnn.deterministic`
+    cuda: bool = True  # use CUDA when it is available
+    track: bool = False  # log to Weights and Biases (needs wandb and a login)
+    wandb_project_name: str = "o2o-safe-rl"  # wandb project name
+    dataset_path: Optional[str] = None  # DSRL-format HDF5 file (default: DSRL cache, datasets/<env-id>.hdf5, download)
+    save_path: Optional[str] = None  # best checkpoint (default runs/<run-name>/cpq.pt); *_last.pt beside it
+    resume: Optional[str] = None  # a *_last.pt to continue from (weights, optimizers, step; not bit-identical)
+    cost_limit: float = 20.0  # episode cost limit d (undiscounted sum of per-step costs)
+    total_steps: int = 100_000  # gradient steps
+    batch_size: int = 512  # minibatch size
+    eval_every: int = 5_000  # evaluate (and maybe keep as best) every this many steps
+    eval_episodes: int = 10  # deterministic evaluation episodes
+    gamma: float = 0.99  # discount factor
+    tau: float = 0.005  # target-network Polyak rate
+    reward_scale: float = 0.1  # rewards are multiplied by this in training (returns are reported unscaled)
+    hidden_sizes: Tuple[int, ...] = (256, 256)  # hidden layers of actor and critics
+    # CPQ
+    actor_lr: float = 1e-4  # actor learning rate
+    critic_lr: float = 1e-3  # reward and cost critic learning rate
+    vae_lr: float = 1e-3  # VAE learning rate
+    alpha_lr: float = 1e-4  # learning rate of log α_c, the OOD cost-penalty weight
+    vae_hidden: int = 400  # VAE hidden width (two layers each in encoder and decoder)
+    kl_weight: float = 0.5  # β_kl of the VAE loss
+    num_ood_samples: int = 10  # policy actions sampled per state for the OOD penalty
+    ood_quantile: float = 0.75  # an action is OOD when its VAE KL is at or above this quantile of the batch
+    qc_thres_factor: float = 1.5  # qc_thres = factor · q_thres
+    # not in the paper (README "Differences")
+    ood_penalty: Literal["hinge", "linear"] = "hinge"  # OOD penalty α_c·relu(qc_thres − Qc), or the paper's −α_c·Qc
+    actor_escape: bool = True  # a second actor step that lowers Qc(s, ã) where it is over q_thres (off: the paper)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Dataset: find a DSRL-format HDF5 file, then load and validate it.
-DSRL_MIRROR = "https://huggingface.co/datasets/YYY-45/DSRL/resolve/main/"
-# what `python benchmark/collect_dataset.py --env-id <task>` takes with its defaults on a 2-core CPU: scripted
-# controllers for the Ball and Car tasks (measured); the others first train four SAC-Lag behaviour agents (estimated
-# from measured rates, see datasets/README.md)
-COLLECT_TIME = {"OfflineBallCircle-v0": "2 min", "OfflineBallRun-v0": "1 min", "OfflineCarCircle-v0": "6 min",
-                "OfflineCarRun-v0": "3 min", "OfflineDroneCircle-v0": "35 min", "OfflineDroneRun-v0": "25 min",
-                "OfflineAntCircle-v0": "1.5 h", "OfflineAntRun-v0": "25 min"}
+# --- Data: a DSRL-format HDF5 file, checked against the env --------------------------------------------------
 DSRL_KEYS = ("observations", "next_observations", "actions", "rewards", "costs", "terminals", "timeouts")
 
 
@@ -125,52 +81,30 @@ class InputError(Exception):
     """Bad input (dataset, checkpoint, flag): reported as one line and a non-zero exit, no traceback."""
 
 
-def download_file(url: str, dest: str, timeout: float = 30.0) -> None:
-    part = dest + ".part"  # never leave a half-written file under the final name
-    with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
-        shutil.copyfileobj(response, f)
-    os.replace(part, dest)
-
-
-def find_dataset(env_id: str, dataset_url: str, dataset_path: Optional[str] = None,
-                 download: Callable[[str, str], None] = download_file) -> str:
-    """--dataset-path → DSRL cache → bundled datasets/<env-id>.hdf5 → download (DSRL, then HF mirror)."""
-    if dataset_path is not None:
-        if not os.path.isfile(dataset_path):
-            raise InputError(f"--dataset-path {dataset_path}: no such file")
-        return dataset_path
-    name = os.path.basename(dataset_url)
-    cache_dir = os.environ.get("DSRL_DATASET_DIR", os.path.expanduser("~/.dsrl/datasets"))
-    cached = os.path.join(cache_dir, name)
+def find_dataset(env_id: str, dataset_url: str, dataset_path: Optional[str] = None) -> str:
+    """--dataset-path, else DSRL's cache file ($DSRL_DATASET_DIR, default ~/.dsrl/datasets), else the bundled
+    datasets/<env-id>.hdf5."""
+    cached = os.path.join(os.environ.get("DSRL_DATASET_DIR", os.path.expanduser("~/.dsrl/datasets")),
+                          os.path.basename(dataset_url))
     bundled = os.path.join(os.path.dirname(os.path.abspath(__file__)), "datasets", f"{env_id}.hdf5")
-    if os.path.isfile(cached):
-        return cached
-    if os.path.isfile(bundled):
-        print(f"dataset: {bundled} (this project's locally collected data, not DSRL's)")
-        return bundled
-    tried = [cached, bundled]
-    for url in (dataset_url, DSRL_MIRROR + name):
-        try:
-            os.makedirs(cache_dir, exist_ok=True)
-            download(url, cached)
-            return cached
-        except Exception as e:  # any network/file failure: try the next source, report all at the end
-            tried.append(f"{url} ({type(e).__name__})")
-    raise InputError(f"no dataset for {env_id}; tried {', '.join(tried)}. Place the file at {cached} (or pass "
-                     f"--dataset-path), or make one (about {COLLECT_TIME.get(env_id, 'an hour or more')} on a "
-                     f"2-core CPU): python benchmark/collect_dataset.py --env-id {env_id}")
+    for path in [dataset_path] if dataset_path is not None else [cached, bundled]:
+        if os.path.isfile(path):
+            if path == bundled:
+                print(f"dataset: {bundled} (this project's locally collected data, not DSRL's)")
+            return path
+    raise InputError(f"no dataset at {dataset_path or cached + ' or ' + bundled}; pass --dataset-path or make one: "
+                     f"python benchmark/collect_dataset.py --env-id {env_id}")
 
 
 def load_dataset(path: str, obs_dim: int, act_dim: int) -> dict:
     """Read the seven DSRL keys and check shapes against the env, dtypes and finiteness."""
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in DSRL_KEYS if k not in f]
-            if missing:
-                raise InputError(f"{path}: missing keys {missing}")
-            data = {k: f[k][()] for k in DSRL_KEYS}
+            data = {k: f[k][()] for k in DSRL_KEYS if k in f}
     except OSError as e:
         raise InputError(f"{path}: not a readable HDF5 file ({e})") from None
+    if len(data) < len(DSRL_KEYS):
+        raise InputError(f"{path}: missing keys {[k for k in DSRL_KEYS if k not in data]}")
     n = len(data["observations"])
     widths = {"observations": obs_dim, "next_observations": obs_dim, "actions": act_dim}
     for k, v in data.items():
@@ -189,8 +123,7 @@ def load_dataset(path: str, obs_dim: int, act_dim: int) -> dict:
     return {k: v.astype(np.float32) for k, v in data.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Environment and evaluation.
+# --- Environment and evaluation -----------------------------------------------------------------------------
 def make_env(env_id: str, seed: int) -> gym.Env:
     try:
         env = gym.make(env_id)
@@ -219,8 +152,7 @@ def evaluate(actor: nn.Module, env: gym.Env, episodes: int, cost_limit: float, d
             "normalized_return": float(norm_ret), "normalized_cost": float(norm_cost)}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Networks shared by every file (identical copies, so checkpoints move between files with strict loading).
+# --- Networks, identical in every file (so checkpoints move between files with strict loading) --------------
 def mlp(sizes, activate_last: bool = False) -> nn.Sequential:
     layers = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -279,64 +211,33 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints: a dict of tensors and plain values, loadable with torch.load(path, weights_only=True).
+# --- Checkpoints: a dict of tensors and plain values, loadable with torch.load(path, weights_only=True) ------
 CHECKPOINT_FORMAT = "o2o-safe-rl/1"
 CHECKPOINT_KEYS = ("algo", "reward_scale", "cost_limit", "step", "actor", "critic", "critic_target", "cost_critic",
                    "cost_critic_target")
 
 
 def to_cpu(value):
-    """Tensors (also inside dicts and lists) moved to the CPU, so a checkpoint written on a GPU opens anywhere."""
-    if torch.is_tensor(value):
-        return value.detach().cpu()
+    """Tensors, also inside dicts and lists, on the CPU: a checkpoint written on a GPU opens anywhere."""
     if isinstance(value, dict):
         return {k: to_cpu(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(to_cpu(v) for v in value)
-    return value
-
-
-def flag_rules(args, counts: Tuple[str, ...] = (), rates: Tuple[str, ...] = (), common: bool = True) -> list:
-    """The rules every file shares, as (flag, value, holds, what it must be): the fields named in `counts` are whole
-    numbers >= 1, those in `rates` > 0 (None: a per-env default, filled in later), and (`common`) where the file has
-    them the cost limit is >= 0, 0 < γ < 1, 0 < τ <= 1 and every hidden layer has a unit."""
-    rules = [(name, getattr(args, name), getattr(args, name) >= 1, ">= 1") for name in counts]
-    rules += [(name, getattr(args, name), getattr(args, name) is None or getattr(args, name) > 0, "> 0")
-              for name in rates]
-    shared = (("cost_limit", lambda v: v >= 0, ">= 0 (an episode's cost is a sum of costs >= 0)"),
-              ("gamma", lambda v: 0 < v < 1, "in (0, 1)"), ("tau", lambda v: 0 < v <= 1, "in (0, 1]"),
-              ("hidden_sizes", lambda v: len(v) > 0 and min(v) >= 1, "one or more sizes >= 1"))
-    for name, holds, must in shared if common else ():
-        if hasattr(args, name):
-            rules.append((name, getattr(args, name), holds(getattr(args, name)), must))
-    return rules
-
-
-def refuse_bad_flags(rules: list) -> None:
-    """`rules` as flag_rules makes them, in order: the first that does not hold is refused in one line that names its
-    flag, before any work starts."""
-    for name, value, holds, must in rules:
-        if not holds:
-            value = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
-            raise InputError(f"--{name.replace('_', '-')} {value}: must be {must}")
+    return value.detach().cpu() if torch.is_tensor(value) else value
 
 
 def prepare_output_dir(path: str) -> str:
-    """Create the folder that will hold `path` and prove it writable before any work starts (one-line error if not).
-    Returns the folder: the run's checkpoints, progress CSV and TensorBoard events all go there."""
+    """Create the folder of `path` and prove it writable before any work; returns it (TensorBoard logs go there)."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         raise InputError(f"{path}: cannot write there ({e.strerror or e})") from None
     return folder
 
 
 def save_checkpoint(path: str, checkpoint: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({"format": CHECKPOINT_FORMAT, **to_cpu(checkpoint)}, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
 
@@ -359,8 +260,23 @@ def load_checkpoint(path: str, env_id: str, obs_dim: int, act_dim: int, hidden_s
     return ckpt
 
 
-# ----------------------------------------------------------------------------------------------------------
-# CPQ.
+# --- Flags: every bad one is refused in one line naming it, before any work --------------------------------
+def refuse(flag: str, value, must: str) -> None:
+    value = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+    raise InputError(f"--{flag.replace('_', '-')} {value}: must be {must}")
+
+
+def check_common_args(args) -> None:
+    """The flags every file has: cost limit, discount, Polyak rate, hidden sizes, evaluation episodes."""
+    for flag, holds, must in (("cost_limit", args.cost_limit >= 0, ">= 0 (an episode's cost is a sum of costs >= 0)"),
+                              ("gamma", 0 < args.gamma < 1, "in (0, 1)"), ("tau", 0 < args.tau <= 1, "in (0, 1]"),
+                              ("hidden_sizes", min(args.hidden_sizes, default=0) >= 1, "one or more sizes >= 1"),
+                              ("eval_episodes", args.eval_episodes >= 1, ">= 1")):
+        if not holds:
+            refuse(flag, getattr(args, flag), must)
+
+
+# --- CPQ ---------------------------------------------------------------------------------------------------
 def episode_q_threshold(cost_limit: float, gamma: float, horizon: int) -> float:
     """Per-step Q budget of an episode budget d spread evenly over T steps: d·(1−γ^T)/((1−γ)·T)."""
     return cost_limit * (1 - gamma ** horizon) / ((1 - gamma) * horizon)
@@ -385,25 +301,21 @@ class VAE(nn.Module):
             z = torch.randn(*obs.shape[:-1], self.latent_dim, device=obs.device).clamp(-0.5, 0.5)
         return torch.tanh(self.decoder(torch.cat([obs, z], -1)))
 
-    @staticmethod
-    def _kl(mean, log_std):
-        """KL(N(mean, σ²) ‖ N(0, I)) per sample."""
+    def kl(self, obs, act, mean=None, log_std=None):
+        """KL(N(mean, σ²) ‖ N(0, I)) per sample, of the encoder's posterior for (s, a)."""
+        mean, log_std = self.encode(obs, act) if mean is None else (mean, log_std)
         return 0.5 * (mean.pow(2) + (2 * log_std).exp() - 2 * log_std - 1).sum(-1)
-
-    def kl(self, obs, act):
-        return self._kl(*self.encode(obs, act))
 
     def loss(self, obs, act):
         """(reconstruction MSE, mean KL) of the ELBO."""
         mean, log_std = self.encode(obs, act)
         recon = self.decode(obs, mean + log_std.exp() * torch.randn_like(mean))
-        return F.mse_loss(recon, act), self._kl(mean, log_std).mean()
+        return F.mse_loss(recon, act), self.kl(obs, act, mean, log_std).mean()
 
 
 def sample_pretanh(actor: Actor, obs: torch.Tensor, num: int):
-    """`num` reparameterised samples per state from the shared Actor's Gaussian, after and before the tanh:
-    returns (tanh(u), u), each (B, num, A), with u_n = μ(s) + σ(s)·ε_n — the same distribution as Actor.forward
-    (same heads, same log σ clamp), with one trunk pass per state instead of one per sample."""
+    """(tanh(u), u), each (B, num, A): `num` samples u = μ(s) + σ(s)·ε per state from the Actor's Gaussian, with
+    one trunk pass per state instead of one per sample."""
     h = actor.trunk(obs)
     mu, log_std = actor.mu(h), actor.log_std(h).clamp(-20.0, 2.0)
     noise = torch.randn(len(obs), num, mu.shape[-1], device=obs.device)
@@ -431,9 +343,8 @@ class CPQ(nn.Module):
         self.alpha_opt = torch.optim.Adam([self.log_alpha_c], lr=args.alpha_lr)
 
     def ood_samples(self, obs):
-        """N policy actions per state; the OOD ones are the top (1 − ood_quantile) of them by VAE KL.
-        Returns (states, actions) of the OOD pairs. top-k equals `kl >= quantile(kl, q)` (barring ties) without
-        the host sync a boolean mask would need."""
+        """(states, actions) of the OOD pairs: of N policy actions per state, the top (1 − ood_quantile) by VAE KL
+        (top-k equals `kl >= quantile(kl, q)` barring ties, without the host sync of a boolean mask)."""
         args = self.args
         obs_rep = obs.repeat_interleave(args.num_ood_samples, 0)  # state-major, like the samples below
         act_pi = sample_pretanh(self.actor, obs, args.num_ood_samples)[0].flatten(0, 1)
@@ -484,7 +395,6 @@ class CPQ(nn.Module):
         self.vae_opt.zero_grad(set_to_none=True)
         vae_loss.backward()
         self.vae_opt.step()
-
         # 2. cost critic with the OOD penalty (gradient flows into Qc through qc_ood)
         with torch.no_grad():
             next_act, _ = self.actor(next_obs)
@@ -493,7 +403,6 @@ class CPQ(nn.Module):
         self.cost_critic_opt.zero_grad(set_to_none=True)
         cost_loss.backward()
         self.cost_critic_opt.step()
-
         # 3. dual ascent on log α_c: raise α_c while mean Qc(s, a_ood) < qc_thres
         alpha_loss = self.log_alpha_c * (qc_ood - self.qc_thres)
         self.alpha_opt.zero_grad(set_to_none=True)
@@ -501,7 +410,6 @@ class CPQ(nn.Module):
         self.alpha_opt.step()
         with torch.no_grad():
             self.log_alpha_c.clamp_(-5.0, 5.0)
-
         # 4. reward critic: bootstrap only through next actions the cost critic deems safe
         with torch.no_grad():
             safe_next = (next_qc <= self.q_thres).float()
@@ -510,14 +418,10 @@ class CPQ(nn.Module):
         self.critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_opt.step()
-
         # 5. actor: maximise the reward value where the cost value is within budget
         actor_loss, safe = self.actor_step(obs, escape=False)
-        # 5b. escape (--actor-escape): a second actor step that also lowers Qc(s, ã) where the gate is closed;
-        #     without it an actor whose actions all look unsafe gets no gradient at all
-        if args.actor_escape:
+        if args.actor_escape:  # 5b. also lower Qc(s, ã) where the gate is closed (else no gradient there at all)
             self.actor_step(obs, escape=True)
-
         # 6. targets
         soft_update(self.critic_target, self.critic, args.tau)
         soft_update(self.cost_critic_target, self.cost_critic, args.tau)
@@ -549,61 +453,36 @@ def is_better(result: dict, best: Optional[dict]) -> bool:
 
 
 def check_args(args: Args) -> None:
-    """Every rule on this file's flags, before any work: one line naming the first flag that breaks its rule."""
-    refuse_bad_flags(flag_rules(args, counts=("total_steps", "batch_size", "eval_every", "eval_episodes", "vae_hidden",
-                                              "num_ood_samples"),
-                                rates=("actor_lr", "critic_lr", "vae_lr", "alpha_lr", "reward_scale")) + [
-        ("ood_quantile", args.ood_quantile, 0 <= args.ood_quantile < 1, "in [0, 1)"),
-        ("kl_weight", args.kl_weight, args.kl_weight >= 0, ">= 0"),
-        ("qc_thres_factor", args.qc_thres_factor, args.qc_thres_factor > 0, "> 0")])
+    check_common_args(args)
+    counts = ("total_steps", "batch_size", "eval_every", "vae_hidden", "num_ood_samples")
+    rates = ("actor_lr", "critic_lr", "vae_lr", "alpha_lr", "reward_scale", "qc_thres_factor")
+    for flag, holds, must in [*((f, getattr(args, f) >= 1, ">= 1") for f in counts),
+                              *((f, getattr(args, f) > 0, "> 0") for f in rates),
+                              ("ood_quantile", 0 <= args.ood_quantile < 1, "in [0, 1)"),
+                              ("kl_weight", args.kl_weight >= 0, ">= 0")]:
+        if not holds:
+            refuse(flag, getattr(args, flag), must)
 
 
 def main(args: Args) -> dict:
     check_args(args)
-    # From here on Ctrl-C only sets a flag, read at the end of a training step (or evaluation), where the state is
-    # whole and --resume can continue from it; before training it ends the run with one line. (Python's default
-    # KeyboardInterrupt strikes at any bytecode, mid-update, and one raised inside a finalizer is dropped.)
-    interrupted = []
-    default_sigint = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     random.seed(args.seed)
-    np.random.seed(args.seed)
+    np.random.seed(args.seed)  # also Bullet's reset noise
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # Bullet's reset keeps the motor targets of the last action (CarRun's wheels and steering), so an evaluation
-    # starts from where the one before it stopped: the env remembers its last action for --resume to replay
-    class RememberAction(gym.Wrapper):
-        action = None
-
-        def step(self, action):
-            self.action = action
-            return self.env.step(action)
-
-    env = RememberAction(make_env(args.env_id, args.seed))
+    env = make_env(args.env_id, args.seed)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    resume = None
-    if args.resume is not None:  # refused before any work unless it continues this very run
-        resume = load_checkpoint(args.resume, args.env_id, obs_dim, act_dim, args.hidden_sizes)
-        if resume["algo"] != "cpq" or "resume" not in resume:
-            raise InputError(f"--resume {args.resume}: not a resumable checkpoint (cpq.py writes *_resume.pt)")
-        was, state = resume["args"], resume["resume"]
-        changed = [f"--{k.replace('_', '-')} (was {was.get(k)})" for k, v in asdict(args).items()
-                   if k not in ("exp_name", "track", "wandb_project_name", "cuda", "save_path", "resume")
-                   and was.get(k) != (list(v) if isinstance(v, tuple) else v)]
-        if args.save_path and os.path.abspath(args.save_path) != state["save_path"]:
-            changed.append(f"--save-path (was {state['save_path']})")
-        if state["device"] != device.type:  # RNG states do not carry over between devices
-            changed.append(f"--cuda/--no-cuda (ran on {state['device']})")
-        if changed:
-            raise InputError(f"--resume {args.resume}: these flags differ from the interrupted run's: "
-                             f"{', '.join(changed)}")
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    save_path = args.save_path or (resume["resume"]["save_path"] if resume else
-                                   os.path.join("runs", run_name, "cpq.pt"))
+    save_path = args.save_path or os.path.join("runs", run_name, "cpq.pt")
+    last_path = save_path.removesuffix(".pt") + "_last.pt"
     run_dir = prepare_output_dir(save_path)
-    resume_path = save_path.removesuffix(".pt") + "_resume.pt"
-
+    resume = None
+    if args.resume is not None:
+        resume = load_checkpoint(args.resume, args.env_id, obs_dim, act_dim, args.hidden_sizes)
+        if resume["algo"] != "cpq" or "optimizers" not in resume:
+            raise InputError(f"--resume {args.resume}: not a cpq.py *_last.pt checkpoint")
     path = find_dataset(args.env_id, env.unwrapped.dataset_url, args.dataset_path)
     data = {k: torch.as_tensor(v, device=device) for k, v in load_dataset(path, obs_dim, act_dim).items()}
     data["rewards"] = data["rewards"] * args.reward_scale
@@ -617,80 +496,46 @@ def main(args: Args) -> dict:
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     agent = CPQ(obs_dim, act_dim, args, q_thres).to(device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    best, last_eval, first_step = None, None, 1
-    if resume is not None:  # the state save_resume wrote, in place of the fresh one
+    best, last_eval, step = None, None, 0
+    if resume is not None:  # fresh random streams: the continuation is not bit-identical to an uninterrupted run
         for name, module in agent.named_children():
             module.load_state_dict(resume[name])
         agent.log_alpha_c.data.copy_(resume["log_alpha_c"])
-        for name, optimizer_state in state["optimizers"].items():
-            getattr(agent, name).load_state_dict(optimizer_state)
-        if state["eval_action"] is not None:  # put the eval env's motors where the last evaluation left them
-            env.reset()
-            env.step(state["eval_action"].numpy())
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])  # Bullet's reset noise
-        torch.set_rng_state(state["rng"]["torch"])
-        generator.set_state(state["rng"]["sampler"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        best, last_eval, first_step = state["best"], state["last_eval"], resume["step"] + 1
-
-    def save_resume(step: int) -> None:
-        """Everything that carries over from `step` to the next: --resume continues bit for bit from here."""
-        numpy_state = np.random.get_state()
-        rng = {"python": random.getstate(), "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
-               "torch": torch.get_rng_state(), "sampler": generator.get_state(),
-               "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
-        save_checkpoint(resume_path, {**agent.checkpoint(args, args.env_id, obs_dim, act_dim, step), "resume": {
-            "save_path": os.path.abspath(save_path), "device": device.type, "best": best, "last_eval": last_eval,
-            "optimizers": {k: v.state_dict() for k, v in vars(agent).items() if isinstance(v, torch.optim.Optimizer)},
-            "eval_action": None if env.action is None else torch.as_tensor(env.action), "rng": rng}})
-
-    if interrupted:  # Ctrl-C during the set-up: nothing to save yet
-        signal.signal(signal.SIGINT, default_sigint)
-        raise KeyboardInterrupt()
-    print(f"{args.env_id}: {num_transitions} transitions from {path}; q_thres={q_thres:.3f} on {device}"
-          + (f"; resuming after step {first_step - 1}" if resume else ""))
-    start = time.time()
-    progress = tqdm(range(first_step, args.total_steps + 1), desc="cpq", initial=first_step - 1,
-                    total=args.total_steps, dynamic_ncols=True)
-    for step in progress:
-        idx = torch.randint(num_transitions, (args.batch_size,), device=device, generator=generator)
-        info = agent.update(data["observations"][idx], data["actions"][idx], data["rewards"][idx],
-                            data["costs"][idx], data["next_observations"][idx], data["terminals"][idx])
-        if step % 100 == 0:  # one host sync per 100 steps
-            for tag, value in zip(info, torch.stack(list(info.values())).tolist()):
-                writer.add_scalar(tag, value, step)
-            writer.add_scalar("charts/SPS", (step - first_step + 1) / (time.time() - start), step)
-        if step % args.eval_every == 0 or step == args.total_steps:
-            last_eval = evaluate(agent.actor, env, args.eval_episodes, args.cost_limit, device)
-            for k, v in last_eval.items():
-                writer.add_scalar(f"eval/{k}", v, step)
-            progress.set_postfix(ret=f"{last_eval['return']:.1f}", cost=f"{last_eval['cost']:.1f}")
-            progress.write(f"step {step}: eval return {last_eval['return']:.1f}, cost {last_eval['cost']:.1f} "
-                           f"(normalised {last_eval['normalized_return']:.3f} / {last_eval['normalized_cost']:.3f})")
-            ckpt = agent.checkpoint(args, args.env_id, obs_dim, act_dim, step)
-            if is_better(last_eval, best):
-                best = {**last_eval, "step": step}
-                save_checkpoint(save_path, {**ckpt, "eval": best})
-            save_resume(step)  # a killed run loses at most --eval-every steps
-        if interrupted:
-            save_resume(step)
-            progress.close()
-            writer.close()
-            signal.signal(signal.SIGINT, default_sigint)
-            raise KeyboardInterrupt(f"interrupted at step {step}: resumable checkpoint {resume_path}; "
-                                    f"continue with --resume {resume_path}")
-    last = {**last_eval, "step": args.total_steps}
-    save_checkpoint(save_path.removesuffix(".pt") + "_last.pt",
-                    {**agent.checkpoint(args, args.env_id, obs_dim, act_dim, args.total_steps), "eval": last})
-    os.remove(resume_path)  # the run is complete: nothing left to resume
+        for name, state in resume["optimizers"].items():
+            getattr(agent, name).load_state_dict(state)
+        best, last_eval, step = resume["best"], resume["eval"], resume["step"]
+    generator = torch.Generator(device=device).manual_seed(args.seed + step)
+    print(f"{args.env_id}: {num_transitions} transitions from {path}; q_thres={q_thres:.3f} on {device}")
+    start, first_step = time.time(), step + 1
+    try:
+        progress = tqdm(range(first_step, args.total_steps + 1), desc="cpq", initial=step, total=args.total_steps)
+        for step in progress:
+            idx = torch.randint(num_transitions, (args.batch_size,), device=device, generator=generator)
+            info = agent.update(data["observations"][idx], data["actions"][idx], data["rewards"][idx],
+                                data["costs"][idx], data["next_observations"][idx], data["terminals"][idx])
+            if step % 100 == 0:  # one host sync per 100 steps
+                for tag, value in zip(info, torch.stack(list(info.values())).tolist()):
+                    writer.add_scalar(tag, value, step)
+                writer.add_scalar("charts/SPS", (step - first_step + 1) / (time.time() - start), step)
+            if step % args.eval_every == 0 or step == args.total_steps:
+                last_eval = {**evaluate(agent.actor, env, args.eval_episodes, args.cost_limit, device), "step": step}
+                for k, v in last_eval.items():
+                    writer.add_scalar(f"eval/{k}", v, step)
+                progress.set_postfix(ret=f"{last_eval['return']:.1f}", cost=f"{last_eval['cost']:.1f}")
+                ckpt = agent.checkpoint(args, args.env_id, obs_dim, act_dim, step)
+                if is_better(last_eval, best):
+                    best = last_eval
+                    save_checkpoint(save_path, {**ckpt, "eval": best})
+                save_checkpoint(last_path, {**ckpt, "eval": last_eval, "best": best, "optimizers": {
+                    k: v.state_dict() for k, v in vars(agent).items() if isinstance(v, torch.optim.Optimizer)}})
+    except KeyboardInterrupt:
+        kept = f"kept {save_path} (best) and {last_path}: continue with --resume {last_path}" if best else "nothing saved"
+        print(f"cpq.py: interrupted at step {step}; {kept}", file=sys.stderr)
+        sys.exit(130)
     writer.close()
-    signal.signal(signal.SIGINT, default_sigint)
-    print(f"\n{'':14}{'step':>8}{'return':>10}{'cost':>8}{'norm ret':>10}{'norm cost':>10}")
-    for name, r in (("last", last), ("best (saved)", best)):
-        print(f"{name:14}{r['step']:>8}{r['return']:>10.1f}{r['cost']:>8.1f}{r['normalized_return']:>10.3f}"
+    print(f"\n{'':6}{'step':>8}{'return':>10}{'cost':>8}{'norm ret':>10}{'norm cost':>10}")
+    for name, r in (("last", last_eval), ("best", best)):
+        print(f"{name:6}{r['step']:>8}{r['return']:>10.1f}{r['cost']:>8.1f}{r['normalized_return']:>10.3f}"
               f"{r['normalized_cost']:>10.3f}")
     print(f"checkpoint: {save_path}   wall time: {time.time() - start:.0f}s")
     return best
@@ -701,6 +546,3 @@ if __name__ == "__main__":
         main(tyro.cli(Args))
     except InputError as e:
         sys.exit(f"cpq.py: error: {e}")
-    except KeyboardInterrupt as e:  # Ctrl-C: main says what it saved; before training there is nothing to save
-        print(f"cpq.py: {str(e) or 'interrupted before training started'}", file=sys.stderr)
-        sys.exit(130)
