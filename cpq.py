@@ -324,8 +324,10 @@ def sample_pretanh(actor: Actor, obs: torch.Tensor, num: int):
 
 
 class CPQ(nn.Module):
-    def __init__(self, obs_dim: int, act_dim: int, args: Args, q_thres: float):
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, q_thres: float, lrs: Optional[tuple] = None):
+        """`lrs`: the (actor, critics, VAE, log α_c) learning rates, default args' (marvel_full.py passes its own)."""
         super().__init__()
+        actor_lr, critic_lr, vae_lr, alpha_lr = lrs or (args.actor_lr, args.critic_lr, args.vae_lr, args.alpha_lr)
         self.args, self.q_thres, self.qc_thres = args, q_thres, args.qc_thres_factor * q_thres
         self.actor = Actor(obs_dim, act_dim, args.hidden_sizes)
         self.critic = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=2)
@@ -336,11 +338,11 @@ class CPQ(nn.Module):
         self.cost_critic_target.load_state_dict(self.cost_critic.state_dict())
         self.vae = VAE(obs_dim, act_dim, args.vae_hidden)
         self.log_alpha_c = nn.Parameter(torch.zeros(()))
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr)
-        self.cost_critic_opt = torch.optim.Adam(self.cost_critic.parameters(), lr=args.critic_lr)
-        self.vae_opt = torch.optim.Adam(self.vae.parameters(), lr=args.vae_lr)
-        self.alpha_opt = torch.optim.Adam([self.log_alpha_c], lr=args.alpha_lr)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=actor_lr)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=critic_lr)
+        self.cost_critic_opt = torch.optim.Adam(self.cost_critic.parameters(), lr=critic_lr)
+        self.vae_opt = torch.optim.Adam(self.vae.parameters(), lr=vae_lr)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha_c], lr=alpha_lr)
 
     def ood_samples(self, obs):
         """(states, actions) of the OOD pairs: of N policy actions per state, the top (1 − ood_quantile) by VAE KL

@@ -614,8 +614,7 @@ class SACLag(nn.Module):
 
 def check_online_args(args) -> None:
     """The online phase's flags (sac_lag_apid.py and stage 3 of marvel_full.py), per-env defaults filled in."""
-    counts = ("online_episodes", "episodes_per_iter", "updates_per_iter", "batch_size", "eval_every", "gate_max_wait",
-              "pid_delay")
+    counts = ("online_episodes", "episodes_per_iter", "updates_per_iter", "batch_size", "eval_every", "pid_delay")
     rates = ("actor_lr", "critic_lr", "cost_critic_lr", "alpha", "alpha_lr", "dual_lr", "reward_scale")
     for flag, holds, must in [*((f, getattr(args, f) >= 1, ">= 1") for f in counts),
                               *((f, getattr(args, f) > 0, "> 0") for f in rates),
@@ -652,6 +651,8 @@ def main(args: Args) -> dict:
     args = online_defaults(args)
     check_common_args(args)
     check_online_args(args)
+    if args.gate_max_wait < 1:
+        refuse("gate_max_wait", args.gate_max_wait, ">= 1")
     random.seed(args.seed)
     np.random.seed(args.seed)  # also Bullet's reset noise
     torch.manual_seed(args.seed)
