@@ -957,7 +957,7 @@ def main(args: Args) -> dict:
         data = {k: torch.as_tensor(v, device=device) for k, v in load_dataset(path, obs_dim, act_dim).items()}
         data["rewards"] = data["rewards"] * args.reward_scale
         print(f"{args.env_id}: {len(data['rewards'])} transitions from {path} on {device}")
-    stages = [*(["cpq"] * run_cpq), *(["vpa"] * run_vpa), "online"]
+    stages = [*(["cpq" if run_cpq else "loaded"] * args.pretrain), *(["vpa"] * (args.pretrain and args.vpa)), "online"]
     print(f"stages: {' → '.join(stages)}; checkpoints in {save_dir}/")
     writer = SummaryWriter(save_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
@@ -972,7 +972,7 @@ def main(args: Args) -> dict:
         best = None
     cpq_steps, vpa_steps = args.offline_steps * run_cpq, args.vpa_steps * run_vpa
     num_iters = math.ceil(args.online_episodes / args.episodes_per_iter)
-    rows, wall, start, stage = {}, {}, time.time(), stages[0]
+    rows, wall, start, stage = {}, {}, time.time(), "cpq" if run_cpq else "vpa" if run_vpa else "online"
     progress = tqdm(range(cpq_steps + vpa_steps + num_iters), desc="marvel")
     try:
         for t in progress:
@@ -1136,7 +1136,7 @@ def main(args: Args) -> dict:
         progress.close()
         if stage != "online":  # an unfinished stage 1 or 2 is not kept: --resume reruns it
             kept = [p for p in paths.values() if os.path.exists(p)]
-            print(f"marvel_full.py: interrupted in stage {stages.index(stage) + 1} ({stage}); kept "
+            print(f"marvel_full.py: interrupted in stage {stage}; kept "
                   f"{', '.join(kept) or 'nothing'}; continue with --resume {save_dir}", file=sys.stderr)
             sys.exit(130)
     interrupted = episodes_done < args.online_episodes  # the online policy so far is kept, as sac_lag_interrupted.pt

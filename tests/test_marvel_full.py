@@ -14,7 +14,7 @@ from conftest import ACT_DIM, ENV_ID, OBS_DIM, ROOT
 import marvel_full
 
 TINY = ["--no-cuda", "--hidden-sizes", "32", "32", "--vae-hidden", "32", "--eval-episodes", "1",
-        "--offline-steps", "4", "--offline-eval-every", "2", "--offline-batch-size", "32", "--vpa-steps", "3",
+        "--offline-steps", "4", "--offline-eval-every", "2", "--vpa-steps", "3",
         "--online-episodes", "2", "--episodes-per-iter", "2", "--updates-per-iter", "2", "--eval-every", "2"]
 
 
@@ -29,9 +29,11 @@ def test_help_lists_every_flag_with_its_docstring(tmp_path):
     text = " ".join(proc.stdout.replace("│", " ").split())
     for field in dataclasses.fields(marvel_full.Args):
         assert re.search(rf"--{field.name.replace('_', '-')}(?![\w-])", text), field.name
-    for doc in re.findall(r'"""(.*?)"""', open(os.path.join(ROOT, "marvel_full.py")).read().split("class Args")[1]
-                          .split("ENV_DEFAULTS")[0], re.S):
-        assert " ".join(doc.split())[:60] in text, doc
+    args_source = open(os.path.join(ROOT, "marvel_full.py")).read().split("class Args")[1].split("\n\n\n")[0]
+    helps = re.findall(r"^    \w+: .*?  # (.*)$", args_source, re.M)  # the inline comment after each field
+    assert len(helps) == len(dataclasses.fields(marvel_full.Args))
+    for doc in helps:
+        assert " ".join(doc.split())[:40] in text, doc
 
 
 @pytest.mark.parametrize("flags, stages, algo, kind", [
@@ -127,19 +129,37 @@ def test_online_stage_reproduces_sac_lag_apid(tmp_path, start):
 
 def test_offline_stage_reproduces_cpq(tmp_path, dataset_file):
     """marvel_full.py's stage 1 is cpq.py: same seed, data and budget ⇒ the same checkpoint, bit for bit (so a
-    default marvel_full.py run is also a default cpq.py run), also with a first look (an extra evaluation at step 2
-    that cpq.py does not make)."""
+    default marvel_full.py run is also a default cpq.py run)."""
     shared = ["--no-cuda", "--hidden-sizes", "32", "32", "--vae-hidden", "32", "--eval-episodes", "1", "--seed", "5",
               "--dataset-path", dataset_file]
-    proc = run(*shared, "--offline-steps", "6", "--offline-eval-every", "3", "--offline-batch-size", "32",
-               "--vpa-steps", "1", "--online-episodes", "1", "--episodes-per-iter", "1", "--updates-per-iter", "1",
-               "--eval-every", "1", "--first-look", "2", "--save-dir", str(tmp_path / "m"), cwd=tmp_path)
+    proc = run(*shared, "--offline-steps", "6", "--offline-eval-every", "3", "--vpa-steps", "1",
+               "--online-episodes", "1", "--episodes-per-iter", "1", "--updates-per-iter", "1", "--eval-every", "1",
+               "--save-dir", str(tmp_path / "m"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "cpq.py"), *shared, "--total-steps", "6",
-                           "--eval-every", "3", "--batch-size", "32", "--save-path", str(tmp_path / "s" / "cpq.pt")],
+                           "--eval-every", "3", "--save-path", str(tmp_path / "s" / "cpq.pt")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     a, b = (torch.load(tmp_path / d / "cpq.pt", weights_only=True) for d in ("m", "s"))
     assert a["step"] == b["step"] and a["eval"] == b["eval"] and torch.equal(a["log_alpha_c"], b["log_alpha_c"])
     for net in ("actor", "critic", "critic_target", "cost_critic", "cost_critic_target", "vae"):
         assert a[net].keys() == b[net].keys() and all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
+
+
+def test_resume_reruns_from_the_last_finished_stage(tmp_path, dataset_file):
+    """--resume SAVE_DIR reuses cpq.pt and vpa.pt and reruns stage 3, which is reseeded: the same result as the
+    uninterrupted run; a finished run is not resumed."""
+    save_dir = tmp_path / "out"
+    proc = run(*TINY, "--dataset-path", dataset_file, "--save-dir", str(save_dir), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run(*TINY, "--dataset-path", dataset_file, "--resume", str(save_dir), cwd=tmp_path)
+    assert proc.returncode != 0 and "nothing to resume" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    finished = torch.load(save_dir / "sac_lag.pt", weights_only=True)
+    os.remove(save_dir / "sac_lag.pt")  # as if stage 3 had been interrupted
+    stamp = os.path.getmtime(save_dir / "vpa.pt")
+    proc = run(*TINY, "--dataset-path", dataset_file, "--resume", str(save_dir), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert os.path.getmtime(save_dir / "vpa.pt") == stamp, "a finished stage is not rerun"
+    resumed = torch.load(save_dir / "sac_lag.pt", weights_only=True)
+    for net in ("actor", "critic", "cost_critic"):
+        assert all(torch.equal(finished[net][k], resumed[net][k]) for k in finished[net]), net
