@@ -1,4 +1,4 @@
-"""The dataset block (reference copy in cpq.py): resolution order, download fallback, validation errors."""
+"""The dataset block (reference copy in cpq.py): resolution order (no download), validation errors."""
 import os
 import subprocess
 import sys
@@ -16,10 +16,6 @@ DSRL_URL = "http://data.offline-saferl.org/download/" + DSRL_FILE
 NO_BUNDLE_ENV = "OfflineDroneRun-v0"  # no datasets/OfflineDroneRun-v0.hdf5 in the repo: exercises later steps
 
 
-def refuse(url, dest):
-    raise OSError("network disabled in tests")
-
-
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     d = tmp_path / "dsrl_cache"
@@ -30,56 +26,43 @@ def cache_dir(tmp_path, monkeypatch):
 
 def test_explicit_path_wins(dataset_file, cache_dir):
     write_hdf5(cache_dir / DSRL_FILE, synthetic_dataset())
-    assert cpq.find_dataset(NO_BUNDLE_ENV, DSRL_URL, dataset_file, download=refuse) == dataset_file
+    assert cpq.find_dataset(NO_BUNDLE_ENV, DSRL_URL, dataset_file) == dataset_file
 
 
-def test_explicit_path_missing_is_an_error(tmp_path, cache_dir):
-    with pytest.raises(cpq.InputError, match="no such file"):
-        cpq.find_dataset(ENV_ID, DSRL_URL, str(tmp_path / "nope.hdf5"), download=refuse)
+def test_explicit_path_missing_is_an_error_even_with_a_cached_file(tmp_path, cache_dir):
+    """--dataset-path is taken at its word: a missing file is refused, not replaced by the cache or the bundle."""
+    write_hdf5(cache_dir / "SafetyCarRun-v0-40-651.hdf5", synthetic_dataset())
+    url = "http://data.offline-saferl.org/download/SafetyCarRun-v0-40-651.hdf5"
+    missing = str(tmp_path / "nope.hdf5")
+    with pytest.raises(cpq.InputError) as e:
+        cpq.find_dataset(ENV_ID, url, missing)
+    msg = str(e.value)
+    assert msg.startswith(f"no dataset at {missing};") and "\n" not in msg
+    assert str(cache_dir) not in msg and "datasets/" not in msg.split(";")[0]
 
 
 def test_dsrl_cache_before_bundled(cache_dir):
     cached = write_hdf5(cache_dir / "SafetyCarRun-v0-40-651.hdf5", synthetic_dataset())
     url = "http://data.offline-saferl.org/download/SafetyCarRun-v0-40-651.hdf5"
-    assert cpq.find_dataset(ENV_ID, url, download=refuse) == cached
+    assert cpq.find_dataset(ENV_ID, url) == cached
 
 
 def test_bundled_after_cache(cache_dir, capsys):
     url = "http://data.offline-saferl.org/download/SafetyCarRun-v0-40-651.hdf5"
-    path = cpq.find_dataset(ENV_ID, url, download=refuse)
+    path = cpq.find_dataset(ENV_ID, url)
     assert path == os.path.join(ROOT, "datasets", f"{ENV_ID}.hdf5")
     assert "not DSRL's" in capsys.readouterr().out
 
 
-def test_download_tries_dsrl_then_mirror(cache_dir):
-    calls = []
-
-    def mirror_only(url, dest):
-        calls.append(url)
-        if "huggingface" not in url:
-            raise TimeoutError
-        write_hdf5(dest, synthetic_dataset())
-
-    path = cpq.find_dataset(NO_BUNDLE_ENV, DSRL_URL, download=mirror_only)
-    assert calls == [DSRL_URL, cpq.DSRL_MIRROR + DSRL_FILE]
-    assert path == str(cache_dir / DSRL_FILE) and os.path.isfile(path)
-
-
 def test_nothing_found_names_every_place_and_both_remedies(cache_dir):
     with pytest.raises(cpq.InputError) as e:
-        cpq.find_dataset(NO_BUNDLE_ENV, DSRL_URL, download=refuse)
+        cpq.find_dataset(NO_BUNDLE_ENV, DSRL_URL)
     msg = str(e.value)
     assert "\n" not in msg
-    for part in (str(cache_dir), "datasets/OfflineDroneRun-v0.hdf5", DSRL_URL, "huggingface.co",
-                 "--dataset-path", "benchmark/collect_dataset.py"):
+    for part in (str(cache_dir / DSRL_FILE), "datasets/OfflineDroneRun-v0.hdf5", "--dataset-path",
+                 "python benchmark/collect_dataset.py --env-id OfflineDroneRun-v0"):
         assert part in msg
-
-
-def test_download_file_leaves_no_partial_file(tmp_path):
-    dest = str(tmp_path / "x.hdf5")
-    with pytest.raises(Exception):
-        cpq.download_file("http://127.0.0.1:9/x.hdf5", dest, timeout=2)
-    assert os.listdir(tmp_path) == []
+    assert not os.listdir(cache_dir)  # nothing is downloaded or written
 
 
 def test_load_valid_dataset(dataset_file):
@@ -130,23 +113,24 @@ def test_not_hdf5(tmp_path):
 
 
 def test_missing_dataset_cli_is_one_line_error(tmp_path):
-    """No dataset anywhere and no network: exit != 0, one line, no traceback."""
-    env = {**os.environ, "DSRL_DATASET_DIR": str(tmp_path),
-           "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}  # refuse fast, never download
+    """No dataset anywhere: exit != 0, one line naming where it looked and how to make one, no traceback."""
+    env = {**os.environ, "DSRL_DATASET_DIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "cpq.py"), "--env-id", NO_BUNDLE_ENV,
-                           "--no-cuda"], capture_output=True, text=True, env=env, timeout=120)
+                           "--no-cuda", "--save-path", str(tmp_path / "out" / "cpq.pt")],
+                          capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and "no dataset for OfflineDroneRun-v0" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith(f"cpq.py: error: no dataset at {tmp_path}")
+    assert "datasets/OfflineDroneRun-v0.hdf5" in lines[0]
     assert "python benchmark/collect_dataset.py --env-id OfflineDroneRun-v0" in lines[0]
-    assert "on a 2-core CPU" in lines[0]  # with the expected time
 
 
 def _dsrl_load(path, env_id=ENV_ID):
     """dsrl's own loader, in a subprocess: Bullet's env builder fflushes sys.stdout by name through ctypes,
     which fails under pytest's output capture."""
-    code = ("import os, sys, numpy as np; os.environ['DSRL_SUPPRESS_IMPORT_ERROR'] = '1'; import dsrl, gymnasium as gym; "
+    code = ("import os, sys, numpy as np; os.environ['DSRL_SUPPRESS_IMPORT_ERROR'] = '1'; "
+            "import dsrl, gymnasium as gym; "
             f"d = gym.make('{env_id}').get_dataset(h5path=sys.argv[1]); np.savez(sys.argv[2], **d)")
     out = path + ".npz"
     proc = subprocess.run([sys.executable, "-c", code, path, out], capture_output=True, text=True, timeout=120)

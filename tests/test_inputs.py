@@ -25,7 +25,7 @@ def test_negative_cost_limit_is_refused_by_every_file(script, tmp_path):
 @pytest.mark.parametrize("flag, value, message", [("--gamma", "1.5", "--gamma 1.5: must be in (0, 1)"),
                                                   ("--eval-episodes", "0", "--eval-episodes 0: must be >= 1")])
 def test_shared_flag_rules_are_the_same_in_every_file(script, flag, value, message, tmp_path):
-    """Every file checks its flags through the same flag_rules: a budget and a discount, refused in the same words."""
+    """Every file checks its shared flags through the same check_common_args: refused in the same words."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--env-id", "OfflineCarRun-v0", "--no-cuda",
                            flag, value, *ENTRY_POINTS[script]], capture_output=True, text=True, cwd=tmp_path,
                           timeout=120)
@@ -49,11 +49,25 @@ HELP_FILES = [*ENTRY_POINTS, "benchmark/run_grid.py", "benchmark/evaluate.py", "
 @pytest.mark.parametrize("path", HELP_FILES)
 def test_help_texts_are_single_paragraphs(path):
     """tyro keeps the line breaks of a multi-line field docstring, so `--help` would break sentences mid-line: every
-    help text of an Args class is one line or one implicitly joined string."""
+    field of an Args class has a help text, an inline `# comment` (one line by construction) or a docstring of one
+    line or one implicitly joined string."""
     import ast
-    tree = ast.parse(open(os.path.join(ROOT, path)).read())
-    args = [node for node in ast.walk(tree) if isinstance(node, ast.ClassDef) and node.name == "Args"]
+    import io
+    import tokenize
+    source = open(os.path.join(ROOT, path)).read()
+    args = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ClassDef) and node.name == "Args"]
     assert args, f"{path} has no Args class"
-    helps = [stmt.value.value for stmt in args[0].body
-             if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)]
-    assert helps and not [h for h in helps if "\n" in h]
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    commented = {t.start[0] for t in tokens if t.type == tokenize.COMMENT}
+    body, fields, multi_line, without_help = args[0].body, 0, [], []
+    for stmt, after in zip(body, [*body[1:], None]):
+        if not isinstance(stmt, ast.AnnAssign):
+            continue
+        fields += 1
+        doc = after.value.value if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
+            and isinstance(after.value.value, str) else None
+        if doc is not None and "\n" in doc:
+            multi_line.append(stmt.target.id)
+        if doc is None and not commented & set(range(stmt.lineno, stmt.end_lineno + 1)):
+            without_help.append(stmt.target.id)
+    assert fields and not multi_line and not without_help, (multi_line, without_help)

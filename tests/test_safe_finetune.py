@@ -15,9 +15,10 @@ import sac_lag_apid as sl
 
 
 def tiny_agent(**overrides):
-    args = sl.Args(hidden_sizes=(16, 16), **overrides)
+    args = sl.Args(hidden_sizes=(16, 16), **{"actor_lr": 1e-3, "critic_lr": 1e-3, "cost_critic_lr": 1e-3,
+                                             "alpha": 0.1, **overrides})
     torch.manual_seed(0)
-    return sl.SACLag(OBS_DIM, ACT_DIM, args, (1e-3, 1e-3, 1e-3), alpha=0.1)
+    return sl.SACLag(OBS_DIM, ACT_DIM, args)
 
 
 # --- aPID: --lagrangian-init and --bounded-gain-adaptation ----------------------------------------------------
@@ -109,23 +110,18 @@ def anchored_loss_by_hand(agent, anchor, w_data, w_anchor):
     return loss, (0.1 * logp - value / value.abs().mean() + bc).mean(), (obs, data_act)
 
 
-def test_anchor_to_the_deployed_policy_by_hand():
-    """--bc-target deployed: the anchor's target is the anchor policy's mean action tanh μ(s), not the batch's."""
-    anchor = sl.Actor(OBS_DIM, ACT_DIM, (16, 16))
-    loss, expected, _ = anchored_loss_by_hand(tiny_agent(bc_weight=0.4, bc_target="deployed"), anchor, 0.0, 0.4)
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    loss.backward()
-    assert all(p.grad is None for p in anchor.parameters())  # the anchor is a fixed target
-
-
-def test_both_anchors_split_the_weight_by_hand():
-    """--bc-target both: --bc-weight w₀ on the replay's action, the rest of the grown weight w − w₀ on the anchor's."""
-    agent = tiny_agent(bc_weight=0.4, bc_target="both")
-    agent.bc_weight = 1.6  # after two failed tests with --bc-growth 2
+def test_anchor_splits_the_weight_between_replay_and_deployed_policy_by_hand():
+    """Gated: w₀ (--bc-weight) on the replay's action, the rest of the grown weight w − w₀ on the anchor's (the
+    deployed policy's) mean action tanh μ(s); the anchor is a fixed target."""
+    agent = tiny_agent(bc_weight=0.4)
+    assert agent.anchor_weight == 0.4  # w starts at w₀
+    agent.anchor_weight = 1.6  # after two failed tests
     anchor = sl.Actor(OBS_DIM, ACT_DIM, (16, 16))
     loss, expected, (obs, data_act) = anchored_loss_by_hand(agent, anchor, 0.4, 1.2)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    agent.bc_weight = 0.4  # at the base weight it is the replay anchor alone, whatever the anchor policy says
+    loss.backward()
+    assert all(p.grad is None for p in anchor.parameters())  # the anchor is a fixed target
+    agent.anchor_weight = 0.4  # at the base weight it is the replay anchor alone, whatever the anchor policy says
     replay_agent = tiny_agent(bc_weight=0.4)  # the same networks (same seed)
     torch.manual_seed(5)
     both = agent.actor_loss(obs, data_act, 0.7, anchor)[0]
@@ -134,15 +130,16 @@ def test_both_anchors_split_the_weight_by_hand():
     assert both.item() == pytest.approx(replay_only.item(), rel=1e-6)
 
 
-def test_bc_weight_grows_after_failed_tests_and_shrinks_after_passes():
-    args = sl.Args(bc_weight=0.4, bc_growth=2.0, bc_weight_max=3.0, cost_limit=20.0, cost_margin=0.5)
+def test_anchor_weight_grows_after_failed_tests_and_shrinks_after_passes():
+    """w·BC_GROWTH (2) after a test over the target, w/BC_GROWTH after one at or under it, within [w₀, BC_MAX]."""
+    assert (sl.BC_GROWTH, sl.BC_MAX) == (2.0, 100.0)
     w = 0.4
-    for test_cost, expected in [(15.0, 0.8), (30.0, 1.6), (10.5, 3.0), (11.0, 3.0),  # over (1 − m)·d = 10: ×2, ≤ 3
-                                (10.0, 1.5), (0.0, 0.75), (5.0, 0.4), (0.0, 0.4)]:  # at or under 10: ÷2, ≥ 0.4
-        w = sl.next_bc_weight(w, test_cost, 10.0, args)
+    for test_cost, expected in [(15.0, 0.8), (0.0, 0.4), (5.0, 0.4),  # over the target 10: ×2; at or under: ÷2, ≥ 0.4
+                                *((10.5, 0.4 * 2 ** k) for k in range(1, 8)),  # 0.8, 1.6, …, 51.2
+                                (30.0, 100.0), (11.0, 100.0),  # 102.4 capped at BC_MAX
+                                (10.0, 50.0), (0.0, 25.0)]:
+        w = sl.next_anchor_weight(w, test_cost, 10.0, 0.4)
         assert w == pytest.approx(expected)
-    constant = sl.Args(bc_weight=0.4, bc_growth=1.0)
-    assert sl.next_bc_weight(0.4, 50.0, 10.0, constant) == 0.4  # --bc-growth 1: a constant weight
 
 
 def test_value_normalisation_makes_the_loss_scale_free():
@@ -158,16 +155,6 @@ def test_value_normalisation_makes_the_loss_scale_free():
         torch.manual_seed(2)
         losses.append(agent.actor_loss(obs, data_act, 0.3)[0].item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
-
-
-def test_cost_estimate_is_mean_qc_of_the_learner():
-    agent = tiny_agent()
-    obs = torch.randn(32, OBS_DIM)
-    torch.manual_seed(4)
-    estimate = agent.cost_estimate(obs)
-    torch.manual_seed(4)
-    expected = agent.cost_critic(obs, agent.actor(obs)[0])[0].mean()
-    assert estimate.item() == pytest.approx(expected.item()) and not estimate.requires_grad
 
 
 # --- gated deployment -------------------------------------------------------------------------------------------
@@ -263,44 +250,16 @@ def test_gate_bounds_the_tests_of_an_always_unsafe_learner(iterations, max_wait)
     assert gate.tests >= iterations / max_wait  # and it keeps testing: a learner that turns safe gets its chance
 
 
-def test_gate_replaces_an_unsafe_deployed_policy_after_fewer_passes():
-    """--gate-passes 2 --gate-passes-unsafe 1: two passes replace a policy within the limit, one replaces a policy
-    whose own episodes broke it in the same iteration."""
-    start, learner = sl.Actor(OBS_DIM, ACT_DIM, (16, 16)), sl.Actor(OBS_DIM, ACT_DIM, (16, 16))
-    gates = {}
-    for deployed_cost, deployments in ((5.0, 0), (30.0, 1)):  # the first pass of a fresh gate
-        gates[deployed_cost] = gate = sl.DeploymentGate(start, cost_limit=20.0, max_wait=16, passes=2, pass_cost=10.0,
-                                                        passes_unsafe=1)
-        gate.update(learner, np.array([100.0]), np.array([deployed_cost]), 150.0, 5.0)
-        assert gate.deployments == deployments and gate.rollbacks == (deployed_cost > 20)
-    gates[5.0].update(learner, np.array([100.0]), np.array([5.0]), 150.0, 5.0)  # its second consecutive pass
-    assert gates[5.0].deployments == 1
-
-
-def test_gate_needs_consecutive_passes():
-    gate = sl.DeploymentGate(policy(0.0), cost_limit=20.0, max_wait=8, passes=2)
-    good, worse, deployed = (450.0, 5.0), (350.0, 5.0), (np.array([400.0]), np.array([0.0]))
-    learner = policy(1.0)
-    for test, deployments in [(good, 0), (good, 1),  # first pass: not yet; second in a row: deployed
-                              (good, 1),  # the streak starts again after a deployment
-                              (worse, 1), (good, 1),  # safe but worse breaks the streak
-                              ((450.0, 25.0), 1), (good, 1), (good, 2)]:  # so does an unsafe test
-        gate.countdown = 1
-        assert gate.test_due()
-        gate.update(learner, *deployed, *test)
-        assert gate.deployments == deployments
-
-
 def test_cost_margin_moves_the_controller_target():
     """--cost-margin m: the controller's error is J − (1 − m)·d, so an episode cost at the limit pushes λ up."""
     for kind in ("apid", "pid", "dual"):
         controller = sl.make_lagrangian(sl.Args(lagrangian=kind, cost_margin=0.5, cost_limit=20.0))
-        assert controller.cost_limit == 10.0
+        assert controller.target == 10.0
         controller.update(10.0)  # at the target: no integral or proportional push
         assert getattr(controller, "integral", controller.lam) == 0.0
         assert getattr(controller, "proportional", 0.0) == 0.0
         assert controller.update(20.0) > 0.0
-        assert sl.make_lagrangian(sl.Args(lagrangian=kind, cost_margin=0.0, cost_limit=20.0)).cost_limit == 20.0
+        assert sl.make_lagrangian(sl.Args(lagrangian=kind, cost_margin=0.0, cost_limit=20.0)).target == 20.0
 
 
 def cli(*flags, cwd):
@@ -310,7 +269,7 @@ def cli(*flags, cwd):
                           capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
-@pytest.mark.parametrize("signal", ["critic", "tests"])
+@pytest.mark.parametrize("signal", ["episodes", "tests"])
 def test_cli_gated_run_keeps_the_deployed_actor(tmp_path, dataset_file, signal):
     proc = cli("--deploy", "gated", "--bc-weight", "0.4", "--cost-signal", signal, "--offline-ratio", "0.5",
                "--dataset-path", dataset_file, "--save-path", str(tmp_path / "s.pt"), cwd=tmp_path)
@@ -358,25 +317,14 @@ sl.main(tyro.cli(sl.Args))
     assert ckpt["gate"]["pass_cost"] == ckpt["lagrange"]["target"] == 3.0
 
 
-def test_cli_anchor_to_the_deployed_policy_runs_and_logs_its_weight(tmp_path, dataset_file):
-    proc = cli("--bc-target", "deployed", "--bc-growth", "2", "--dataset-path", dataset_file,
-               "--save-path", str(tmp_path / "s.pt"), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    ckpt = torch.load(tmp_path / "s.pt", weights_only=True)
-    assert ckpt["args"]["bc_target"] == "deployed" and ckpt["gate"]["tests"] >= 1
-
-
-@pytest.mark.parametrize("flags, message", [(["--bc-weight", "-1"], "--bc-weight"),
-                                            (["--gate-max-wait", "0"], ">= 1"),
-                                            (["--gate-passes", "0"], "--gate-passes"),
+@pytest.mark.parametrize("flags, message", [(["--bc-weight", "-1"], "--bc-weight -1.0: must be >= 0"),
+                                            (["--gate-max-wait", "0"], "--gate-max-wait 0: must be >= 1"),
                                             (["--lagrangian-init", "-1"], "--lagrangian-init"),
-                                            (["--deploy", "learner"], "--cost-signal tests and --bc-target both need"),
+                                            (["--deploy", "learner"], "--cost-signal tests needs --deploy gated"),
                                             (["--cost-margin", "1"], "--cost-margin"),
                                             (["--rollback-tightening", "0"], "--rollback-tightening"),
-                                            (["--bc-growth", "0.5"], "--bc-growth"),
-                                            (["--bc-weight-max", "0.1"], "--bc-weight-max"),
-                                            (["--bc-target", "deployed", "--deploy", "learner",
-                                              "--cost-signal", "episodes"], "--bc-target deployed needs --deploy gated")])
+                                            (["--actor-lr", "0"], "--actor-lr 0.0: must be > 0"),
+                                            (["--env-id", "OfflineFooRun-v0"], "no online defaults")])
 def test_cli_refuses_bad_mechanism_flags(tmp_path, flags, message):
     proc = cli(*flags, cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and message in proc.stderr
