@@ -326,8 +326,8 @@ def agent_command(args: Args, limit: float, path: str, horizon: int) -> List[str
     return [sys.executable, SAC_LAG_APID, "--env-id", args.env_id, "--init", "scratch", "--no-cuda",
             "--seed", str(args.seed), "--cost-limit", str(limit), "--online-episodes", str(args.agent_episodes),
             "--episodes-per-iter", str(EPISODES_PER_ITER), "--updates-per-iter", str(updates), "--batch-size", "256",
-            "--deploy", "learner", "--bc-weight", "0", "--bc-target", "replay", "--bc-growth", "1",
-            "--offline-ratio", "0", "--cost-signal", "episodes", "--cost-margin", "0",
+            "--deploy", "learner", "--bc-weight", "0", "--offline-ratio", "0", "--cost-signal", "episodes",
+            "--cost-margin", "0",
             "--actor-lr", "3e-4", "--critic-lr", "3e-4", "--cost-critic-lr", "3e-4",
             "--autotune", "--hidden-sizes", *map(str, args.agent_hidden_sizes),
             "--eval-every", str(args.agent_episodes), "--eval-episodes", "5", "--save-path", path]

@@ -15,14 +15,14 @@ starts a run as soon as what it needs exists. Ray runs on this machine by defaul
 `--work-dir` at the same paths. Ray is an optional extra: `pip install -r requirements-bench.txt`.
 
 Skip if done: a run whose result file exists in `--out` is skipped, a complete offline checkpoint and an existing VPA
-checkpoint in `--work-dir` are reused (an interrupted `cpq.py` run continues from its `*_resume.pt`), so a grid can be
-run in chunks and resumed. A failed run prints `failed: <run> (log: <path>)`, so do the runs that needed it (with the
-same log); the others go on, and the exit code is 1. Into `--out` go, per run, `<method>_seed<S>.csv`
-(sac_lag_apid.py's per-iteration progress) and `<method>_seed<S>.json` (the command, the commit, and the offline /
-after-VPA / final evaluations with the online violations), and per seed `vpa_seed<S>_spearman.csv`.
-`benchmark/plot.py` turns them into curves and tables. One task at one cost limit writes straight into `--out` and
-`--work-dir`, as before; with several tasks or limits each (task, d) gets a sub-folder `<env-id>_d<d>` of both
-(`<env-id>` when `--cost-limits` is not given: the scripts' default d).
+checkpoint in `--work-dir` are reused (an interrupted `cpq.py` run continues from its latest evaluation's `*_last.pt`
+with `--resume`; not bit-identical to an uninterrupted run), so a grid can be run in chunks and resumed. A failed run
+prints `failed: <run> (log: <path>)`, so do the runs that needed it (with the same log); the others go on, and the
+exit code is 1. Into `--out` go, per run, `<method>_seed<S>.csv` (sac_lag_apid.py's per-iteration progress) and
+`<method>_seed<S>.json` (the command, the commit, and the offline / after-VPA / final evaluations with the online
+violations), and per seed `vpa_seed<S>_spearman.csv`. `benchmark/plot.py` turns them into curves and tables. One task
+at one cost limit writes straight into `--out` and `--work-dir`, as before; with several tasks or limits each (task,
+d) gets a sub-folder `<env-id>_d<d>` of both (`<env-id>` when `--cost-limits` is not given: the scripts' default d).
 
 The offline checkpoint can be one file for all seeds, or a pattern with `{seed}` (and `{env_id}`, `{cost_limit}`).
 """
@@ -45,12 +45,11 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The paper's online phase, spelled out: sac_lag_apid.py's defaults are the safe-finetuning configuration
-# (docs/algorithms.md, "Safe finetuning"), so the paper's methods switch each of its mechanisms off.
-# (the same settings as sac_lag_apid.py --paper, spelled out so that a method can still change one of them)
-PAPER = ["--deploy", "learner", "--bc-weight", "0", "--bc-target", "replay", "--bc-growth", "1",
-         "--offline-ratio", "0", "--cost-signal", "episodes", "--no-bounded-gain-adaptation",
-         "--updates-per-iter", "20", "--batch-size", "64", "--cost-margin", "0", "--rollback-tightening", "1"]
+# The paper's online phase: sac_lag_apid.py's PAPER_ONLINE (what its --paper sets), spelled out because --paper
+# overrides later flags and a method must still be able to change one of them (e.g. scratch_standard's schedule).
+PAPER = ["--deploy", "learner", "--cost-margin", "0", "--rollback-tightening", "1", "--cost-signal", "episodes",
+         "--bc-weight", "0", "--offline-ratio", "0", "--no-bounded-gain-adaptation",
+         "--updates-per-iter", "20", "--batch-size", "64"]
 # method → (starting point, extra sac_lag_apid.py flags). "vpa": the VPA-aligned checkpoint; "offline": the offline
 # checkpoint as it is; "scratch": random networks. `recommended` is what marvel_full.py runs by default; the six of
 # the paper (its Figures 3 and 5) follow.
@@ -66,20 +65,16 @@ METHODS = {
     "scratch_standard": ("scratch", PAPER + ["--episodes-per-iter", "1", "--updates-per-iter", "200",
                                              "--batch-size", "256"]),  # later flags win over PAPER's
 }
-# Variants for diagnosis: `<method>+<variant>` adds these flags, e.g. marvel+autotune.
+# Variants for diagnosis: `<method>+<variant>` adds these flags, e.g. marvel+autotune. (Rows of variants whose
+# flags were removed, e.g. +costfloor or +passes2, stay in benchmark/results/ with the commit that made them.)
 VARIANTS = {
     "autotune": ["--autotune"],                                    # learn the SAC temperature α
     "mix50": ["--offline-ratio", "0.5"],                           # half of each minibatch from the offline data
     "updates200": ["--updates-per-iter", "200"],                   # 10× the paper's updates per iteration
     "actorlr0.1x": ["--actor-lr", "5e-6"],                         # CarRun's actor lr / 10
     "criticlr0.1x": ["--critic-lr", "5e-4", "--cost-critic-lr", "8e-4"],  # CarRun's critic lrs / 10
-    "costfloor": ["--cost-value-floor"],                           # Qc' ≥ 0 in the cost target
-    "anchor": ["--bc-target", "deployed"],                         # all of the anchor on the deployed policy
-    "replayanchor": ["--bc-target", "replay", "--bc-growth", "1"],  # only the constant anchor to the replay's actions
     "notighten": ["--rollback-tightening", "1"],                   # a fixed pass cost and target, (1 − m)·d
     "margin75": ["--cost-margin", "0.75"],                         # λ and the gate aim at d/4 instead of d/2
-    "passes2": ["--gate-passes", "2"],                             # deploy after two consecutive passed tests
-    "fastunsafe": ["--gate-passes-unsafe", "1"],                   # but one pass replaces a policy over the limit
 }
 
 
@@ -192,7 +187,7 @@ def run(cmd: List[str], log_path: str, name: str, append: bool = False) -> None:
         try:
             while (code := proc.poll()) is None:  # not proc.wait(): a cancelled task's KeyboardInterrupt comes between
                 time.sleep(0.5)                   # bytecodes, which a blocking wait never reaches
-        except BaseException:  # cancelled (Ctrl-C on the grid): the script's own Ctrl-C, e.g. cpq.py's resume file
+        except BaseException:  # cancelled (Ctrl-C on the grid): the script's own Ctrl-C (it says what it kept)
             proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(timeout=60)
@@ -226,19 +221,18 @@ def offline_paths(cell: Cell, seed: int) -> tuple:
 
 
 def offline_stage(args: Args, cell: Cell, seed: int, device: List[str]) -> str:
-    """cpq.py for one seed, unless a complete run is there (best and *_last.pt, no *_resume.pt); an interrupted run
-    continues from its *_resume.pt. Returns the checkpoint."""
+    """cpq.py for one seed, unless a complete run is there (best, and a *_last.pt at the last step); an interrupted
+    run continues from its *_last.pt (cpq.py --resume). Returns the checkpoint."""
     path, log = offline_paths(cell, seed)
     name = f"{cell.prefix}cpq_seed{seed}"
-    resume = path.removesuffix(".pt") + "_resume.pt"
+    last = path.removesuffix(".pt") + "_last.pt"
     with failures_as(name, log):
-        complete = os.path.isfile(at(path)) and os.path.isfile(at(path.removesuffix(".pt") + "_last.pt"))
-        if not complete or os.path.isfile(at(resume)):
+        ckpt = torch.load(at(last), map_location="cpu", weights_only=True) if os.path.isfile(at(last)) else None
+        if not (os.path.isfile(at(path)) and ckpt is not None and ckpt["step"] == ckpt["args"]["total_steps"]):
             steps = [] if args.offline_steps is None else ["--total-steps", str(args.offline_steps)]
             cmd = [sys.executable, "cpq.py", "--env-id", cell.env_id, "--seed", str(seed), "--save-path", path,
                    *device, *cell.limit_flags(), *steps, *shlex.split(args.offline_extra)]
-            resuming = os.path.isfile(at(resume))
-            run(cmd + (["--resume", resume] if resuming else []), log, name, append=resuming)
+            run(cmd + (["--resume", last] if ckpt is not None else []), log, name, append=ckpt is not None)
         made = torch.load(at(path), map_location="cpu", weights_only=True)["args"]
         wanted = {"env_id": cell.env_id, "seed": seed, "cost_limit": cell.cost_limit, "total_steps": args.offline_steps}
         differ = {k: made.get(k) for k, v in wanted.items() if v is not None and made.get(k) != v}
@@ -437,7 +431,7 @@ def main(args: Args) -> int:
                     else:  # the task itself died (a lost worker or node)
                         print(f"failed: {name} (log: {log}): {type(cause).__name__}: {cause}", flush=True)
                     failed += 1
-    except KeyboardInterrupt:  # cancel the rest; a running script gets its own Ctrl-C (cpq.py saves a resume file)
+    except KeyboardInterrupt:  # cancel the rest; a running script gets its own Ctrl-C (cpq.py keeps its *_last.pt)
         print(f"interrupted: cancelling {len(pending)} stages and runs; the same command resumes the grid", flush=True)
         for ref in pending:
             ray.cancel(ref)
