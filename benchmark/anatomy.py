@@ -22,7 +22,8 @@ CONCERNS = {  # concern → names (full-match regular expressions); the first ma
     "set-up and logging": r"PROGRESS_FIELDS",
     "algorithm": r"mlp|Actor|QEnsemble|soft_update|VAE|sample_pretanh|vae_pretanh_samples|BalanceModel|FamilyPolicy"
                  r"|beta_\w+|BETA_\w+|condition|CPQ|BEARLag|VPA|vpa_targets|SACLag|\w+Lagrangian|make_lagrangian"
-                 r"|\w+Stage|DeploymentGate|next_anchor_weight|episode_q_threshold|is_better|gaussian_mmd|mixed_max_target"
+                 r"|\w+Stage|DeploymentGate|next_anchor_weight|episode_q_threshold|is_better|gaussian_mmd"
+                 r"|mixed_max_target"
                  r"|descend|collect_episodes|ReplayBuffer|REPLAY_KEYS|FamO2OLag|family_sweep|evaluate|mc_return"
                  r"|collect_pairs|spearman\w*|report_spearman|snapshot|restore|policy_action|PAIR_KINDS|PLAIN",
     "data": r"find_dataset|load_dataset|DSRL_KEYS|make_env",
