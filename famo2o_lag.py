@@ -1,54 +1,27 @@
 """FamO2O-Lag: a safe "Train Once, Get a Family" (Wang et al., NeurIPS 2023) baseline in one file.
 
-    python famo2o_lag.py --env-id OfflineCarRun-v0            # offline (100k steps) → family sweep → online
+    python famo2o_lag.py --env-id OfflineCarRun-v0   # offline → family sweep → online → runs/<run>/famo2o.pt
 
-A *universal* SAC-Lag+BC actor π(a|s, β) is trained for a whole family of balances β ∈ [β_min, β_max] between
-improving the Lagrangian value and staying near the data, and a *balance model* π_b(β|s) picks β per state.
-β enters the actor as a 6-dim encoding e(β) = [sin(β/k), cos(β/k)] for k = 1, 10000^(1/3), 10000^(2/3), so the
-actor is the shared tanh-Gaussian `Actor` with obs_dim + 6 inputs. Per gradient step on (s, a, r, c, s', term):
-    β       offline: β ~ U[β_min, β_max] per sample;  online: β ~ π_b(·|s), detached
-    y   = r + γ(1−term)·( min Q'(s', a') − α·log π(a'|s', β) ),   a' ~ π(·|s', β)   (the sample's own β)
-    y_c = c + γ(1−term)·Qc'(s', a')
-    L_π = mean( α·log π(ã|s,β) − β·(min Q(s,ã) − λ·Qc(s,ã))/ν + ‖tanh μ(s,β) − a‖² ),  ν = sg(mean|Q − λQc|)
-    L_b = mean( α_b·log π_b(β|s) − (min Q(s,ā) − λ·Qc(s,ā))/ν_b ),  β ~ π_b(·|s) reparameterised, ā = tanh μ(s,β)
-    α_b autotuned towards the target entropy −0.5;  λ ← max(0, λ + η·(mean Qc(s, ā) − q_thres))
-Larger β weights improvement over behaviour cloning, so fixed β ∈ {1, 3, 5} after offline training gives a
-return/cost trade-off from one run: the "family sweep" (printed, saved as <save-path stem>_family.csv and .png).
-
-Design choices (this project's safe adaptation; the paper's FamO2O wraps AWAC/IQL without costs):
-  * The balance model is trained offline too (the actor on uniform β, the balance model on its own β), so the
-    online phase starts with a sensible one. It is the shared `Actor` with one output b = tanh(u) ∈ [−1, 1],
-    mapped to β = β_min + (b + 1)/2·(β_max − β_min); its log-probability (and so the entropy target −0.5) is that
-    of b, like SAC's actions. The temperature starts at --balance-alpha 0.1. Its objective uses the actor's
-    deterministic action, with ν_b = sg(mean|Q − λQc|) over that batch (both ν floored at 1e-6).
-  * λ: plain projected dual ascent, once per gradient step, on the critic's estimate of the cost of the policy that
-    acts (β ~ π_b, the actor's deterministic action ā) against q_thres = d(1−γ^T)/((1−γ)T) (CarRun 8.660).
-    Offline there are no episodes, so this is the only signal; online the same rule and --lambda-lr continue from
-    the offline λ (so the carried λ keeps its meaning; the online cost critic learns the real costs).
-  * Only the BC term keeps the offline actor near the data (as TD3+BC): no CQL/CPQ critic penalty.
-  * Offline selection as Marvel's CPQ stage: the best evaluation (β from the balance model, deterministic) by
-    cpq.py's threshold-aware rule is kept and restored; the family sweep and the online phase start from it.
-  * Offline lrs: actor and balance 1e-4 / critics 1e-3 (CPQ's), batch 256 (CPQ uses 512; halving it halves CPU
-    time). Online: sac_lag_apid.py's schedule, per-env lrs and α (ENV_DEFAULTS), fresh optimizers, an empty
-    replay buffer whose actions are the BC targets, batch 64. α (SAC entropy weight) is the env's in both phases.
-  * Online β: collection samples β ~ π_b and a ~ π; evaluation is deterministic in both. Updates use a sampled β,
-    so the members around the chosen balance keep training. Logged: the balance model's mean β over the states
-    visited in each iteration (famo2o/beta_mean, famo2o/beta_std, a histogram famo2o/beta, CSV columns).
-Checkpoints (<stem>_offline.pt after the sweep, save_path at the end) follow docs/checkpoints.md plus `balance`,
-`beta_range` and `balance_log_alpha`; the actor takes obs_dim + 6 inputs, so sac_lag_apid.py cannot load them.
+A universal actor π(a|s, β) (the shared `Actor` on s and e(β) = [sin(β/k), cos(β/k)], k = 10000^(i/3), i = 0, 1, 2)
+for every balance β ∈ [β_min, β_max], and a balance model π_b(β|s) (the `Actor` with one output b, β = β_min +
+(b + 1)/2·(β_max − β_min)). Per step on (s, a, r, c, s', term), β ~ U[β_min, β_max] offline, β ~ π_b(·|s) online:
+  1. Critics: y = r + γ(1−term)(min Q'(s', a') − α·log π(a'|s', β)), y_c = c + γ(1−term)·Qc'(s', a'), a' ~ π(·|s', β).
+  2. Actor: L_π = mean(α·log π(ã|s,β) − β·(min Q − λQc)(s,ã)/ν + ‖tanh μ(s,β) − a‖²), ν = sg(mean|Q − λQc|).
+  3. Balance: L_b = mean(α_b·log π_b(β|s) − (min Q − λQc)(s,ā)/ν_b), ā = tanh μ(s,β); α_b towards entropy −0.5.
+  4. λ ← max(0, λ + η·(mean Qc(s, ā) − q_thres)), q_thres = d(1−γ^T)/((1−γ)T); then Polyak-average the targets.
+Beside --save-path <stem>.pt: the best offline evaluation (cpq.py's rule) in <stem>_offline.pt, the return/cost
+trade-off of fixed β ∈ --family-betas (<stem>_family.csv, .png), sac_lag_apid.py's online loop (<stem>_progress.csv).
+FamO2O wraps AWAC/IQL without costs: the SAC-Lag+BC base (BC as in TD3+BC), cost critic and λ are this project's.
 """
 import copy
 import math
 import os
 import random
-import shutil
-import signal
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 os.environ.setdefault("DSRL_SUPPRESS_IMPORT_ERROR", "1")  # dsrl warns about suites we do not install
 import dsrl  # noqa: F401  (registers the Offline*-v0 environments)
@@ -65,120 +38,66 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    # help that spans lines is one implicitly joined string: tyro keeps the line breaks of a multi-line docstring
-    exp_name: str = "famo2o_lag"
-    """name of this experiment (part of the run name)"""
-    env_id: str = "OfflineCarRun-v0"
-    ("DSRL environment id: OfflineBallCircle-v0, OfflineBallRun-v0, OfflineCarCircle-v0, OfflineCarRun-v0, "
-     "OfflineDroneCircle-v0, OfflineDroneRun-v0, OfflineAntCircle-v0, OfflineAntRun-v0 (data bundled for "
-     "the Ball and Car tasks; the Drone and Ant tasks need benchmark/collect_dataset.py first)")
-    seed: int = 0
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """set `torch.backends.cudnn.deterministic`"""
-    cuda: bool = True
-    """use CUDA when it is available"""
-    track: bool = False
-    """log to Weights and Biases (needs wandb installed and a login)"""
-    wandb_project_name: str = "o2o-safe-rl"
-    """wandb project name"""
-    dataset_path: Optional[str] = None
-    """DSRL-format HDF5 file; default: DSRL cache, then datasets/<env-id>.hdf5, then download"""
-    save_path: Optional[str] = None
-    """final checkpoint (default runs/<run-name>/famo2o.pt); beside it *_offline.pt, *_family.csv/png, *_progress.csv"""
-    resume: Optional[str] = None
-    ("a *_offline_resume.pt file (written beside the checkpoints at every offline evaluation and on Ctrl-C) to "
-     "continue the offline phase from; the family sweep and the online phase then run as usual")
-    cost_limit: float = 20.0
-    """episode cost limit d (undiscounted sum of per-step costs)"""
-    eval_episodes: int = 10
-    """deterministic evaluation episodes, in a separate env"""
-    gamma: float = 0.99
-    """discount factor"""
-    tau: float = 0.005
-    """target-network Polyak rate"""
-    reward_scale: float = 0.1
-    """rewards are multiplied by this in training (returns are reported unscaled)"""
-    hidden_sizes: Tuple[int, ...] = (256, 256)
-    """hidden layers of actor and critics"""
-    alpha: Optional[float] = None
-    ("SAC entropy coefficient α of the universal actor, both phases (default per env: BallCircle 1e-3, BallRun 1e-3, "
-     "CarCircle 1e-3, CarRun 5e-3, DroneCircle 5e-3, DroneRun 1e-3, AntCircle 5e-5, AntRun 1e-4)")
-
-    # --- the family: β, the balance model and λ
-    beta_min: float = 1.0
-    """smallest balance β (most behaviour cloning)"""
-    beta_max: float = 5.0
-    """largest balance β (most improvement of Q − λQc)"""
-    family_betas: Tuple[float, ...] = (1.0, 3.0, 5.0)
-    """fixed β values evaluated after offline training (the family sweep; each in [β_min, β_max])"""
-    balance_hidden_sizes: Tuple[int, ...] = (64, 64)
-    """hidden layers of the balance model π_b(β|s)"""
-    balance_lr: float = 1e-4
-    """balance model learning rate (both phases)"""
-    balance_alpha: float = 0.1
-    """initial entropy temperature α_b of the balance model (autotuned)"""
-    balance_alpha_lr: float = 3e-4
-    """learning rate of log α_b"""
-    balance_target_entropy: float = -0.5
-    """target entropy of π_b (of its squashed output in [−1, 1])"""
-    lambda_lr: float = 1e-3
-    """η of λ ← max(0, λ + η·(mean Qc(s, ā) − q_thres)), once per gradient step, both phases"""
-    lambda_init: float = 0.0
-    """λ at the start of offline training"""
-
-    # --- offline phase
-    offline_steps: int = 100_000
-    """offline gradient steps"""
-    batch_size: int = 256
-    """offline minibatch size"""
-    eval_every: int = 5_000
-    """evaluate (and maybe keep as best) every this many offline steps"""
-    offline_actor_lr: float = 1e-4
-    """offline actor learning rate"""
-    offline_critic_lr: float = 1e-3
-    """offline reward and cost critic learning rate"""
-
-    # --- online phase (sac_lag_apid.py's schedule)
-    online_episodes: Optional[int] = None
-    """online episodes (default per env: Ball*/Car* 500, DroneCircle 1000, others 5000)"""
-    episodes_per_iter: int = 5
-    """stochastic episodes collected per iteration"""
-    updates_per_iter: int = 20
-    """gradient steps per iteration"""
-    online_batch_size: int = 64
-    """online minibatch size"""
-    online_eval_every: int = 100
-    """evaluate every this many online episodes"""
-    actor_lr: Optional[float] = None
-    ("online actor learning rate (default per env: BallCircle 5e-5, BallRun 1e-5, CarCircle 5e-4, CarRun 5e-5, "
-     "DroneCircle 5e-6, DroneRun 2e-6, AntCircle 5e-5, AntRun 5e-5)")
-    critic_lr: Optional[float] = None
-    ("online reward critic learning rate (default per env: BallCircle 5e-3, BallRun 5e-3, CarCircle 5e-3, CarRun 5e-3, "
-     "DroneCircle 8e-4, DroneRun 8e-3, AntCircle 5e-4, AntRun 2e-3)")
-    cost_critic_lr: Optional[float] = None
-    ("online cost critic learning rate (default per env: BallCircle 5e-3, BallRun 5e-3, CarCircle 8e-3, CarRun 8e-3, "
-     "DroneCircle 2e-3, DroneRun 5e-3, AntCircle 8e-4, AntRun 5e-3)")
+    exp_name: str = "famo2o_lag"  # name of this experiment (part of the run name)
+    env_id: str = "OfflineCarRun-v0"  # DSRL task: Offline{Ball,Car,Drone,Ant}{Run,Circle}-v0
+    seed: int = 0  # seed of the experiment
+    torch_deterministic: bool = True  # set `torch.backends.cudnn.deterministic`
+    cuda: bool = True  # use CUDA when it is available
+    track: bool = False  # log to Weights and Biases (needs wandb and a login)
+    wandb_project_name: str = "o2o-safe-rl"  # wandb project name
+    dataset_path: Optional[str] = None  # DSRL-format HDF5 file (default: DSRL cache, then datasets/<env-id>.hdf5)
+    save_path: Optional[str] = None  # final checkpoint (default runs/<run-name>/famo2o.pt); the other outputs beside it
+    cost_limit: float = 20.0  # episode cost limit d (undiscounted sum of per-step costs)
+    eval_episodes: int = 10  # deterministic evaluation episodes, in a separate env
+    gamma: float = 0.99  # discount factor
+    tau: float = 0.005  # target-network Polyak rate
+    reward_scale: float = 0.1  # rewards are multiplied by this in training (returns are reported unscaled)
+    hidden_sizes: Tuple[int, ...] = (256, 256)  # hidden layers of actor and critics
+    alpha: Optional[float] = None  # SAC entropy weight α of the actor, both phases (default: the env's ENV_DEFAULTS)
+    # the family: β and the balance model
+    beta_min: float = 1.0  # smallest balance β (most behaviour cloning)
+    beta_max: float = 5.0  # largest balance β (most improvement of Q − λQc)
+    family_betas: Tuple[float, ...] = (1.0, 3.0, 5.0)  # fixed β evaluated after offline training (the family sweep)
+    balance_hidden_sizes: Tuple[int, ...] = (64, 64)  # hidden layers of the balance model π_b(β|s)
+    balance_lr: float = 1e-4  # balance model learning rate (both phases)
+    balance_alpha: float = 0.1  # initial entropy temperature α_b of the balance model (autotuned)
+    balance_alpha_lr: float = 3e-4  # learning rate of log α_b
+    balance_target_entropy: float = -0.5  # target entropy of π_b (of its squashed output in [−1, 1])
+    # offline phase
+    offline_steps: int = 100_000  # offline gradient steps
+    batch_size: int = 256  # offline minibatch size
+    eval_every: int = 5_000  # evaluate (and maybe keep as best) every this many offline steps
+    offline_actor_lr: float = 1e-4  # offline actor learning rate
+    offline_critic_lr: float = 1e-3  # offline reward and cost critic learning rate
+    # online phase (sac_lag_apid.py's schedule; None: the env's ENV_DEFAULTS)
+    online_episodes: Optional[int] = None  # online episodes
+    episodes_per_iter: int = 5  # stochastic episodes collected per iteration
+    updates_per_iter: int = 20  # gradient steps per iteration
+    online_batch_size: int = 64  # online minibatch size
+    online_eval_every: int = 100  # evaluate every this many online episodes
+    actor_lr: Optional[float] = None  # online actor learning rate
+    critic_lr: Optional[float] = None  # online reward critic learning rate
+    cost_critic_lr: Optional[float] = None  # online cost critic learning rate
+    # not in the paper (FamO2O has no costs): the Lagrange multiplier λ
+    lambda_lr: float = 1e-3  # η of λ ← max(0, λ + η·(mean Qc(s, ā) − q_thres)), once per gradient step, both phases
+    lambda_init: float = 0.0  # λ at the start of offline training
 
 
-# Per-env defaults of the official Marvel configuration: (actor lr, critic lr, cost critic lr, α, online episodes).
+# Per-env defaults of the official Marvel configuration, for the Args fields left at None.
 ENV_DEFAULTS = {
-    "OfflineBallCircle-v0": (5e-5, 5e-3, 5e-3, 1e-3, 500), "OfflineBallRun-v0": (1e-5, 5e-3, 5e-3, 1e-3, 500),
-    "OfflineCarCircle-v0": (5e-4, 5e-3, 8e-3, 1e-3, 500), "OfflineCarRun-v0": (5e-5, 5e-3, 8e-3, 5e-3, 500),
-    "OfflineDroneCircle-v0": (5e-6, 8e-4, 2e-3, 5e-3, 1000), "OfflineDroneRun-v0": (2e-6, 8e-3, 5e-3, 1e-3, 5000),
-    "OfflineAntCircle-v0": (5e-5, 5e-4, 8e-4, 5e-5, 5000), "OfflineAntRun-v0": (5e-5, 2e-3, 5e-3, 1e-4, 5000),
+    "OfflineBallCircle-v0": dict(actor_lr=5e-5, critic_lr=5e-3, cost_critic_lr=5e-3, alpha=1e-3, online_episodes=500),
+    "OfflineBallRun-v0": dict(actor_lr=1e-5, critic_lr=5e-3, cost_critic_lr=5e-3, alpha=1e-3, online_episodes=500),
+    "OfflineCarCircle-v0": dict(actor_lr=5e-4, critic_lr=5e-3, cost_critic_lr=8e-3, alpha=1e-3, online_episodes=500),
+    "OfflineCarRun-v0": dict(actor_lr=5e-5, critic_lr=5e-3, cost_critic_lr=8e-3, alpha=5e-3, online_episodes=500),
+    "OfflineDroneCircle-v0": dict(actor_lr=5e-6, critic_lr=8e-4, cost_critic_lr=2e-3, alpha=5e-3,
+                                  online_episodes=1000),
+    "OfflineDroneRun-v0": dict(actor_lr=2e-6, critic_lr=8e-3, cost_critic_lr=5e-3, alpha=1e-3, online_episodes=5000),
+    "OfflineAntCircle-v0": dict(actor_lr=5e-5, critic_lr=5e-4, cost_critic_lr=8e-4, alpha=5e-5, online_episodes=5000),
+    "OfflineAntRun-v0": dict(actor_lr=5e-5, critic_lr=2e-3, cost_critic_lr=5e-3, alpha=1e-4, online_episodes=5000),
 }
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Dataset: find a DSRL-format HDF5 file, then load and validate it.
-DSRL_MIRROR = "https://huggingface.co/datasets/YYY-45/DSRL/resolve/main/"
-# what `python benchmark/collect_dataset.py --env-id <task>` takes with its defaults on a 2-core CPU: scripted
-# controllers for the Ball and Car tasks (measured); the others first train four SAC-Lag behaviour agents (estimated
-# from measured rates, see datasets/README.md)
-COLLECT_TIME = {"OfflineBallCircle-v0": "2 min", "OfflineBallRun-v0": "1 min", "OfflineCarCircle-v0": "6 min",
-                "OfflineCarRun-v0": "3 min", "OfflineDroneCircle-v0": "35 min", "OfflineDroneRun-v0": "25 min",
-                "OfflineAntCircle-v0": "1.5 h", "OfflineAntRun-v0": "25 min"}
+# --- Data: a DSRL-format HDF5 file, checked against the env --------------------------------------------------
 DSRL_KEYS = ("observations", "next_observations", "actions", "rewards", "costs", "terminals", "timeouts")
 
 
@@ -186,52 +105,30 @@ class InputError(Exception):
     """Bad input (dataset, checkpoint, flag): reported as one line and a non-zero exit, no traceback."""
 
 
-def download_file(url: str, dest: str, timeout: float = 30.0) -> None:
-    part = dest + ".part"  # never leave a half-written file under the final name
-    with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
-        shutil.copyfileobj(response, f)
-    os.replace(part, dest)
-
-
-def find_dataset(env_id: str, dataset_url: str, dataset_path: Optional[str] = None,
-                 download: Callable[[str, str], None] = download_file) -> str:
-    """--dataset-path → DSRL cache → bundled datasets/<env-id>.hdf5 → download (DSRL, then HF mirror)."""
-    if dataset_path is not None:
-        if not os.path.isfile(dataset_path):
-            raise InputError(f"--dataset-path {dataset_path}: no such file")
-        return dataset_path
-    name = os.path.basename(dataset_url)
-    cache_dir = os.environ.get("DSRL_DATASET_DIR", os.path.expanduser("~/.dsrl/datasets"))
-    cached = os.path.join(cache_dir, name)
+def find_dataset(env_id: str, dataset_url: str, dataset_path: Optional[str] = None) -> str:
+    """--dataset-path, else DSRL's cache file ($DSRL_DATASET_DIR, default ~/.dsrl/datasets), else the bundled
+    datasets/<env-id>.hdf5."""
+    cached = os.path.join(os.environ.get("DSRL_DATASET_DIR", os.path.expanduser("~/.dsrl/datasets")),
+                          os.path.basename(dataset_url))
     bundled = os.path.join(os.path.dirname(os.path.abspath(__file__)), "datasets", f"{env_id}.hdf5")
-    if os.path.isfile(cached):
-        return cached
-    if os.path.isfile(bundled):
-        print(f"dataset: {bundled} (this project's locally collected data, not DSRL's)")
-        return bundled
-    tried = [cached, bundled]
-    for url in (dataset_url, DSRL_MIRROR + name):
-        try:
-            os.makedirs(cache_dir, exist_ok=True)
-            download(url, cached)
-            return cached
-        except Exception as e:  # any network/file failure: try the next source, report all at the end
-            tried.append(f"{url} ({type(e).__name__})")
-    raise InputError(f"no dataset for {env_id}; tried {', '.join(tried)}. Place the file at {cached} (or pass "
-                     f"--dataset-path), or make one (about {COLLECT_TIME.get(env_id, 'an hour or more')} on a "
-                     f"2-core CPU): python benchmark/collect_dataset.py --env-id {env_id}")
+    for path in [dataset_path] if dataset_path is not None else [cached, bundled]:
+        if os.path.isfile(path):
+            if path == bundled:
+                print(f"dataset: {bundled} (this project's locally collected data, not DSRL's)")
+            return path
+    raise InputError(f"no dataset at {dataset_path or cached + ' or ' + bundled}; pass --dataset-path or make one: "
+                     f"python benchmark/collect_dataset.py --env-id {env_id}")
 
 
 def load_dataset(path: str, obs_dim: int, act_dim: int) -> dict:
     """Read the seven DSRL keys and check shapes against the env, dtypes and finiteness."""
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in DSRL_KEYS if k not in f]
-            if missing:
-                raise InputError(f"{path}: missing keys {missing}")
-            data = {k: f[k][()] for k in DSRL_KEYS}
+            data = {k: f[k][()] for k in DSRL_KEYS if k in f}
     except OSError as e:
         raise InputError(f"{path}: not a readable HDF5 file ({e})") from None
+    if len(data) < len(DSRL_KEYS):
+        raise InputError(f"{path}: missing keys {[k for k in DSRL_KEYS if k not in data]}")
     n = len(data["observations"])
     widths = {"observations": obs_dim, "next_observations": obs_dim, "actions": act_dim}
     for k, v in data.items():
@@ -250,8 +147,7 @@ def load_dataset(path: str, obs_dim: int, act_dim: int) -> dict:
     return {k: v.astype(np.float32) for k, v in data.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Environment and evaluation.
+# --- Environment and evaluation -----------------------------------------------------------------------------
 def make_env(env_id: str, seed: int) -> gym.Env:
     try:
         env = gym.make(env_id)
@@ -280,8 +176,7 @@ def evaluate(actor: nn.Module, env: gym.Env, episodes: int, cost_limit: float, d
             "normalized_return": float(norm_ret), "normalized_cost": float(norm_cost)}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Networks shared by every file (identical copies, so checkpoints move between files with strict loading).
+# --- Networks, identical in every file (so checkpoints move between files with strict loading) --------------
 def mlp(sizes, activate_last: bool = False) -> nn.Sequential:
     layers = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -340,88 +235,52 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints: a dict of tensors and plain values, loadable with torch.load(path, weights_only=True).
+# --- Checkpoints: a dict of tensors and plain values, loadable with torch.load(path, weights_only=True) ------
 CHECKPOINT_FORMAT = "o2o-safe-rl/1"
-CHECKPOINT_KEYS = ("algo", "reward_scale", "cost_limit", "step", "actor", "critic", "critic_target", "cost_critic",
-                   "cost_critic_target")
 
 
 def to_cpu(value):
-    """Tensors (also inside dicts and lists) moved to the CPU, so a checkpoint written on a GPU opens anywhere."""
-    if torch.is_tensor(value):
-        return value.detach().cpu()
+    """Tensors, also inside dicts and lists, on the CPU: a checkpoint written on a GPU opens anywhere."""
     if isinstance(value, dict):
         return {k: to_cpu(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(to_cpu(v) for v in value)
-    return value
-
-
-def flag_rules(args, counts: Tuple[str, ...] = (), rates: Tuple[str, ...] = (), common: bool = True) -> list:
-    """The rules every file shares, as (flag, value, holds, what it must be): the fields named in `counts` are whole
-    numbers >= 1, those in `rates` > 0 (None: a per-env default, filled in later), and (`common`) where the file has
-    them the cost limit is >= 0, 0 < γ < 1, 0 < τ <= 1 and every hidden layer has a unit."""
-    rules = [(name, getattr(args, name), getattr(args, name) >= 1, ">= 1") for name in counts]
-    rules += [(name, getattr(args, name), getattr(args, name) is None or getattr(args, name) > 0, "> 0")
-              for name in rates]
-    shared = (("cost_limit", lambda v: v >= 0, ">= 0 (an episode's cost is a sum of costs >= 0)"),
-              ("gamma", lambda v: 0 < v < 1, "in (0, 1)"), ("tau", lambda v: 0 < v <= 1, "in (0, 1]"),
-              ("hidden_sizes", lambda v: len(v) > 0 and min(v) >= 1, "one or more sizes >= 1"))
-    for name, holds, must in shared if common else ():
-        if hasattr(args, name):
-            rules.append((name, getattr(args, name), holds(getattr(args, name)), must))
-    return rules
-
-
-def refuse_bad_flags(rules: list) -> None:
-    """`rules` as flag_rules makes them, in order: the first that does not hold is refused in one line that names its
-    flag, before any work starts."""
-    for name, value, holds, must in rules:
-        if not holds:
-            value = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
-            raise InputError(f"--{name.replace('_', '-')} {value}: must be {must}")
+    return value.detach().cpu() if torch.is_tensor(value) else value
 
 
 def prepare_output_dir(path: str) -> str:
-    """Create the folder that will hold `path` and prove it writable before any work starts (one-line error if not).
-    Returns the folder: the run's checkpoints, progress CSV and TensorBoard events all go there."""
+    """Create the folder of `path` and prove it writable before any work; returns it (TensorBoard logs go there)."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         raise InputError(f"{path}: cannot write there ({e.strerror or e})") from None
     return folder
 
 
 def save_checkpoint(path: str, checkpoint: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({"format": CHECKPOINT_FORMAT, **to_cpu(checkpoint)}, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
 
 
-def load_checkpoint(path: str, env_id: str, obs_dim: int, act_dim: int, hidden_sizes: Tuple[int, ...]) -> dict:
-    """Load and check that the checkpoint belongs to this env and architecture (refuse, never drop weights)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{path}: not an {CHECKPOINT_FORMAT} checkpoint")
-    found = (ckpt.get("env_id"), ckpt.get("obs_dim"), ckpt.get("act_dim"), tuple(ckpt.get("hidden_sizes") or ()))
-    if found != (env_id, obs_dim, act_dim, tuple(hidden_sizes)):
-        raise InputError(f"{path}: checkpoint is for (env, obs_dim, act_dim, hidden_sizes)={found}, "
-                         f"this run needs {(env_id, obs_dim, act_dim, tuple(hidden_sizes))}")
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
-    if missing:
-        raise InputError(f"{path}: checkpoint lacks {missing}")
-    return ckpt
+# --- Flags: every bad one is refused in one line naming it, before any work --------------------------------
+def refuse(flag: str, value, must: str) -> None:
+    value = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+    raise InputError(f"--{flag.replace('_', '-')} {value}: must be {must}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Online data: episodes run side by side (one batched actor call per step), stored in a device-resident ring buffer.
+def check_common_args(args) -> None:
+    """The flags every file has: cost limit, discount, Polyak rate, hidden sizes, evaluation episodes."""
+    for flag, holds, must in (("cost_limit", args.cost_limit >= 0, ">= 0 (an episode's cost is a sum of costs >= 0)"),
+                              ("gamma", 0 < args.gamma < 1, "in (0, 1)"), ("tau", 0 < args.tau <= 1, "in (0, 1]"),
+                              ("hidden_sizes", min(args.hidden_sizes, default=0) >= 1, "one or more sizes >= 1"),
+                              ("eval_episodes", args.eval_episodes >= 1, ">= 1")):
+        if not holds:
+            refuse(flag, getattr(args, flag), must)
+
+
+# --- Online data: episodes side by side (one batched actor call per step) into a device-resident ring buffer ---
 REPLAY_KEYS = ("observations", "actions", "rewards", "costs", "next_observations", "terminals")
 
 
@@ -466,32 +325,7 @@ class ReplayBuffer:
         return [self.data[k][idx] for k in REPLAY_KEYS]
 
 
-
-
-def episode_q_threshold(cost_limit: float, gamma: float, horizon: int) -> float:
-    """Per-step Q budget of an episode budget d spread evenly over T steps: d·(1−γ^T)/((1−γ)·T)."""
-    return cost_limit * (1 - gamma ** horizon) / ((1 - gamma) * horizon)
-
-
-def is_better(result: dict, best: Optional[dict]) -> bool:
-    """Threshold-aware selection: among safe evaluations (normalised cost ≤ 1) the highest return; a safe one
-    beats any unsafe one; among unsafe ones the lowest cost."""
-    if best is None:
-        return True
-    safe, best_safe = result["normalized_cost"] <= 1, best["normalized_cost"] <= 1
-    if safe != best_safe:
-        return safe
-    return result["return"] > best["return"] if safe else result["cost"] < best["cost"]
-
-
-def log_scalars(writer: SummaryWriter, prefix: str, info: dict, step: int) -> None:
-    """One host sync for a dict of 0-dim tensors (never a .item() per value)."""
-    for tag, value in zip(info, torch.stack(list(info.values())).tolist()):
-        writer.add_scalar(prefix + tag, value, step)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The family: β encoding, the balance model π_b(β|s), and the policy that acts (universal actor + chosen β).
+# --- The family: β encoding, the balance model π_b(β|s), and the policy that acts (universal actor + its β) -----
 BETA_DIM = 6  # [sin(β/k), cos(β/k)] for k = 10000^(i/3), i = 0, 1, 2
 
 
@@ -543,12 +377,27 @@ class FamilyPolicy(nn.Module):
         return self.actor(condition(obs, beta), deterministic)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# FamO2O-Lag: SAC-Lag+BC universal actor, twin reward critic, cost critic, balance model, dual-ascent λ.
+# --- FamO2O-Lag: SAC-Lag+BC universal actor, twin reward critic, cost critic, balance model, dual-ascent λ -----
+def episode_q_threshold(cost_limit: float, gamma: float, horizon: int) -> float:
+    """Per-step Q budget of an episode budget d spread evenly over T steps: d·(1−γ^T)/((1−γ)·T)."""
+    return cost_limit * (1 - gamma ** horizon) / ((1 - gamma) * horizon)
+
+
+def is_better(result: dict, best: Optional[dict]) -> bool:
+    """Threshold-aware selection: among safe evaluations (normalised cost ≤ 1) the highest return; a safe one
+    beats any unsafe one; among unsafe ones the lowest cost."""
+    if best is None:
+        return True
+    safe, best_safe = result["normalized_cost"] <= 1, best["normalized_cost"] <= 1
+    if safe != best_safe:
+        return safe
+    return result["return"] > best["return"] if safe else result["cost"] < best["cost"]
+
+
 class FamO2OLag(nn.Module):
-    def __init__(self, obs_dim: int, act_dim: int, args: Args, alpha: float, q_thres: float):
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, q_thres: float):
         super().__init__()
-        self.args, self.alpha, self.q_thres = args, alpha, q_thres
+        self.args, self.alpha, self.q_thres = args, args.alpha, q_thres
         self.actor = Actor(obs_dim + BETA_DIM, act_dim, args.hidden_sizes)
         self.critic = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=2)
         self.cost_critic = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=1)
@@ -570,15 +419,6 @@ class FamO2OLag(nn.Module):
                                              {"params": self.cost_critic.parameters(), "lr": cost_critic_lr}])
         self.balance_opt = torch.optim.Adam(self.balance.parameters(), lr=self.args.balance_lr)
         self.balance_alpha_opt = torch.optim.Adam([self.balance_log_alpha], lr=self.args.balance_alpha_lr)
-
-    def critic_targets(self, reward, cost, next_obs, term, beta):
-        """y = r + γ(1−term)(min Q'(s',a') − α log π(a'|s',β)),  y_c = c + γ(1−term)·Qc'(s',a'),  a' ~ π(·|s',β)."""
-        with torch.no_grad():
-            next_act, next_log_prob = self.actor(condition(next_obs, beta))
-            soft_value = self.critic_target(next_obs, next_act).min(0).values - self.alpha * next_log_prob
-            y = reward + self.args.gamma * (1 - term) * soft_value
-            y_c = cost + self.args.gamma * (1 - term) * self.cost_critic_target(next_obs, next_act)[0]
-        return y, y_c
 
     def lagrangian_value(self, obs, act):
         """(min Q(s,a) − λ·Qc(s,a), Qc(s,a)) with the online critics."""
@@ -607,31 +447,32 @@ class FamO2OLag(nn.Module):
 
     def update(self, obs, act, reward, cost, next_obs, term, beta: Optional[torch.Tensor] = None) -> dict:
         """One step on every part. `beta` per sample (offline: uniform); None: a sample of the balance model."""
-        if beta is None:
-            with torch.no_grad():
+        with torch.no_grad():
+            if beta is None:
                 beta = self.balance(obs)[0]
-        y, y_c = self.critic_targets(reward, cost, next_obs, term, beta)
+            # y = r + γ(1−term)(min Q'(s',a') − α log π(a'|s',β)), y_c = c + γ(1−term)·Qc'(s',a'), a' ~ π(·|s',β)
+            next_act, next_log_prob = self.actor(condition(next_obs, beta))
+            soft_value = self.critic_target(next_obs, next_act).min(0).values - self.alpha * next_log_prob
+            y = reward + self.args.gamma * (1 - term) * soft_value
+            y_c = cost + self.args.gamma * (1 - term) * self.cost_critic_target(next_obs, next_act)[0]
         critic_loss = F.mse_loss(self.critic(obs, act), y.expand(2, -1), reduction="none").mean(1).sum()
         cost_critic_loss = F.mse_loss(self.cost_critic(obs, act)[0], y_c)
         self.critics_opt.zero_grad(set_to_none=True)
         (critic_loss + cost_critic_loss).backward()
         self.critics_opt.step()
-
         self.critic.requires_grad_(False)  # the actor and balance steps need gradients w.r.t. actions only
         self.cost_critic.requires_grad_(False)
         actor_loss, log_prob, bc = self.actor_loss(obs, act, beta)
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_opt.step()
-
         self.actor.requires_grad_(False)  # π_b moves β; the universal actor stays as it is
         balance_loss, balance_log_prob, balance_beta, qc = self.balance_loss(obs)
         self.balance_opt.zero_grad(set_to_none=True)
         balance_loss.backward()
         self.balance_opt.step()
-        self.actor.requires_grad_(True)
-        self.critic.requires_grad_(True)
-        self.cost_critic.requires_grad_(True)
+        for net in (self.actor, self.critic, self.cost_critic):
+            net.requires_grad_(True)
         # α_b ← minimise −α_b(log π_b + H̄): raises α_b while π_b's entropy is below the target
         alpha_loss = -(self.balance_log_alpha.exp() * (balance_log_prob.detach() + self.target_entropy)).mean()
         self.balance_alpha_opt.zero_grad(set_to_none=True)
@@ -639,7 +480,6 @@ class FamO2OLag(nn.Module):
         self.balance_alpha_opt.step()
         # λ ← max(0, λ + η·(mean Qc(s, ā) − q_thres)): dual ascent on the critic's cost of the acting policy
         self.lam.copy_((self.lam + self.args.lambda_lr * (qc.detach().mean() - self.q_thres)).clamp_min(0.0))
-
         soft_update(self.critic_target, self.critic, self.args.tau)
         soft_update(self.cost_critic_target, self.cost_critic, self.args.tau)
         return {"losses/critic": critic_loss.detach(), "losses/cost_critic": cost_critic_loss.detach(),
@@ -665,111 +505,22 @@ class FamO2OLag(nn.Module):
     def load(self, ckpt: dict) -> None:
         """Every network strictly, plus λ and α_b (optimizer state is never loaded)."""
         for name in ("actor", "critic", "critic_target", "cost_critic", "cost_critic_target", "balance"):
-            try:
-                getattr(self, name).load_state_dict(ckpt[name])
-            except (KeyError, RuntimeError) as e:
-                raise InputError(f"checkpoint '{name}' does not fit this architecture ({str(e).splitlines()[0]})")
-        with torch.no_grad():
-            self.lam.fill_(ckpt["lagrange"]["lam"])
-            self.balance_log_alpha.copy_(ckpt["balance_log_alpha"])
+            getattr(self, name).load_state_dict(ckpt[name])
+        self.lam.fill_(ckpt["lagrange"]["lam"])
+        self.balance_log_alpha.data.copy_(ckpt["balance_log_alpha"])
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The three phases: offline training, the family sweep, online finetuning.
-def offline_phase(args: Args, agent: FamO2OLag, data: dict, env: gym.Env, writer: SummaryWriter, save_path: str,
-                  device: torch.device, stop: list, resume: Optional[dict] = None) -> Tuple[dict, float]:
-    """Offline training; returns the best evaluated checkpoint (cpq.py's rule, also saved to `save_path`) and the
-    training speed in gradient steps/s (evaluations excluded). The whole state is kept in *_offline_resume.pt at
-    every evaluation and when `stop` (Ctrl-C) ends it; `resume` (one such file) continues it bit for bit."""
-    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
-    policy = FamilyPolicy(agent.actor, agent.balance)  # β from the balance model, as deployed
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    resume_path = save_path.removesuffix(".pt") + "_resume.pt"
-    num_transitions, best, eval_time, start, first_step = len(data["rewards"]), None, 0.0, time.time(), 1
-    if resume is not None:  # the state save_resume wrote, in place of the fresh one
-        state = resume["resume"]
-        agent.load(resume)
-        for name, optimizer_state in state["optimizers"].items():
-            getattr(agent, name).load_state_dict(optimizer_state)
-        if state["eval_action"] is not None:  # put the eval env's motors where the last evaluation left them
-            env.reset()
-            env.step(state["eval_action"].numpy())
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])  # Bullet's reset noise
-        torch.set_rng_state(state["rng"]["torch"])
-        generator.set_state(state["rng"]["sampler"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        if state["has_best"]:  # the best evaluation so far is the file save_path holds
-            best = torch.load(save_path, map_location="cpu", weights_only=True)
-        first_step = resume["step"] + 1
-
-    def save_resume(step: int) -> None:
-        """Everything that carries over from `step` to the next."""
-        numpy_state = np.random.get_state()
-        rng = {"python": random.getstate(), "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
-               "torch": torch.get_rng_state(), "sampler": generator.get_state(),
-               "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
-        save_checkpoint(resume_path, {**agent.checkpoint(args, args.env_id, obs_dim, act_dim, step), "resume": {
-            "save_path": os.path.abspath(save_path), "device": device.type, "has_best": best is not None,
-            "optimizers": {k: v.state_dict() for k, v in vars(agent).items() if isinstance(v, torch.optim.Optimizer)},
-            "eval_action": None if env.action is None else torch.as_tensor(env.action), "rng": rng}})
-
-    progress = tqdm(range(first_step, args.offline_steps + 1), desc="famo2o offline", initial=first_step - 1,
-                    total=args.offline_steps, dynamic_ncols=True)
-    for step in progress:
-        idx = torch.randint(num_transitions, (args.batch_size,), device=device, generator=generator)
-        # β ~ U[β_min, β_max] per sample: every member of the family learns from every state
-        beta = torch.rand(args.batch_size, device=device, generator=generator)
-        beta = args.beta_min + (args.beta_max - args.beta_min) * beta
-        info = agent.update(*(data[k][idx] for k in REPLAY_KEYS), beta=beta)
-        if step % 100 == 0:  # one host sync per 100 steps
-            log_scalars(writer, "offline/", info, step)
-            writer.add_scalar("offline/charts/SPS", step / (time.time() - start - eval_time), step)
-        if step % args.eval_every == 0 or step == args.offline_steps:
-            eval_start = time.time()
-            result = evaluate(policy, env, args.eval_episodes, args.cost_limit, device)
-            for k, v in result.items():
-                writer.add_scalar(f"offline/eval/{k}", v, step)
-            progress.set_postfix(ret=f"{result['return']:.1f}", cost=f"{result['cost']:.1f}",
-                                 lam=f"{float(agent.lam):.3f}")
-            progress.write(f"step {step}: eval return {result['return']:.1f}, cost {result['cost']:.1f} "
-                           f"(normalised {result['normalized_return']:.3f} / {result['normalized_cost']:.3f}), "
-                           f"λ {float(agent.lam):.3f}")
-            if is_better(result, best and best["eval"]):
-                # deep copy: the state dicts hold the live parameters, which keep training
-                best = copy.deepcopy({**agent.checkpoint(args, args.env_id, obs_dim, act_dim, step),
-                                      "eval": {**result, "step": step}})
-                save_checkpoint(save_path, best)
-            save_resume(step)  # a killed run loses at most --eval-every steps
-            eval_time += time.time() - eval_start
-        if stop:
-            save_resume(step)
-            progress.close()
-            raise KeyboardInterrupt(f"interrupted in the offline phase at step {step}: resumable state "
-                                    f"{resume_path}; continue with --resume {resume_path}")
-    os.remove(resume_path)  # the offline phase is complete: nothing left to resume
-    return best, (args.offline_steps - first_step + 1) / (time.time() - start - eval_time)
-
-
-def family_sweep(args: Args, agent: FamO2OLag, env: gym.Env, stem: str, device: torch.device,
-                 balance_eval: dict) -> list:
+def family_sweep(args: Args, agent: FamO2OLag, env: gym.Env, stem: str, device: torch.device, balance_eval: dict):
     """Deterministic evaluation of π(·|s, β) at each fixed β of --family-betas: a return/cost trade-off from one
-    offline run. Writes <stem>_family.csv (and <stem>_family.png, with `balance_eval` marked, when matplotlib is
-    installed)."""
+    offline run, in <stem>_family.csv and <stem>_family.png (with `balance_eval`, β from the balance model)."""
     rows = [{"beta": beta, **evaluate(FamilyPolicy(agent.actor, agent.balance, beta), env, args.eval_episodes,
                                       args.cost_limit, device)} for beta in args.family_betas]
     with open(stem + "_family.csv", "w") as f:
         f.write("beta,return,cost,normalized_return,normalized_cost\n")
-        for r in rows:
-            f.write(f"{r['beta']},{r['return']:.4f},{r['cost']:.4f},{r['normalized_return']:.4f},"
-                    f"{r['normalized_cost']:.4f}\n")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return rows
+        f.writelines(f"{r['beta']}," + ",".join(f"{v:.4f}" for v in list(r.values())[1:]) + "\n" for r in rows)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot([r["cost"] for r in rows], [r["return"] for r in rows], "o-")
     for r in rows:
@@ -784,154 +535,42 @@ def family_sweep(args: Args, agent: FamO2OLag, env: gym.Env, stem: str, device: 
     return rows
 
 
-def online_phase(args: Args, agent: FamO2OLag, env: gym.Env, writer: SummaryWriter, save_path: str,
-                 device: torch.device, online_episodes: int) -> dict:
-    """sac_lag_apid.py's loop: iterations of `episodes_per_iter` stochastic episodes (β ~ π_b, a ~ π) into an empty
-    replay buffer, then `updates_per_iter` updates with β from the balance model. Saves the final checkpoint."""
-    # reseed as marvel_full.py's online stage does: the online episodes (Bullet's reset noise is np.random) then
-    # see the same noise as the other methods' online phases for the same seed
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    envs = [make_env(args.env_id, args.seed + i) for i in range(args.episodes_per_iter)]
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    policy = FamilyPolicy(agent.actor, agent.balance)
-    replay = ReplayBuffer(online_episodes * env.spec.max_episode_steps, obs_dim, act_dim, device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    csv_path = save_path.removesuffix(".pt") + "_progress.csv"
-    csv = open(csv_path, "w")
-    csv.write("episodes,env_steps,return,cost,lambda,beta_mean,beta_std,violations,cumulative_cost,"
-              "eval_return,eval_cost,eval_normalized_return,eval_normalized_cost\n")
-
-    def log_eval(episodes_done: int, env_steps: int) -> dict:
-        nonlocal evaluated_at
-        evaluated_at = episodes_done
-        result = evaluate(policy, env, args.eval_episodes, args.cost_limit, device)
-        for k, v in result.items():
-            writer.add_scalar(f"eval/{k}", v, env_steps)
-        csv.write(f"{episodes_done},{env_steps},,,,,,,," + ",".join(f"{result[k]:.4f}" for k in (
-            "return", "cost", "normalized_return", "normalized_cost")) + "\n")
-        return result
-
-    env_steps = episodes_done = violations = evaluated_at = 0
-    cumulative_cost, lam, beta_mean, interrupted, start = 0.0, float(agent.lam), float("nan"), False, time.time()
-    first_eval = last_eval = log_eval(0, 0)
-    progress = tqdm(range(math.ceil(online_episodes / args.episodes_per_iter)), desc="famo2o online",
-                    dynamic_ncols=True)
-    try:
-        for _ in progress:
-            n = min(args.episodes_per_iter, online_episodes - episodes_done)
-            batch, returns, costs = collect_episodes(envs[:n], policy, device)
-            replay.add({**batch, "rewards": batch["rewards"] * args.reward_scale})
-            env_steps += len(batch["rewards"])
-            episodes_done += n
-            violations += int((costs > args.cost_limit).sum())
-            cumulative_cost += float(costs.sum())
-            for _ in range(args.updates_per_iter):
-                info = agent.update(*replay.sample(args.online_batch_size, generator))
-            # the balance model's (deterministic) β at the states visited in this iteration
-            with torch.no_grad():
-                betas = agent.balance(torch.as_tensor(batch["observations"], device=device), deterministic=True)[0]
-            writer.add_histogram("famo2o/beta", betas, env_steps)
-            info = {**info, "famo2o/beta_mean": betas.mean(), "famo2o/beta_std": betas.std()}
-            values = dict(zip(info, torch.stack(list(info.values())).tolist()))  # one sync per iteration
-            lam, beta_mean = values["lagrange/lambda"], values["famo2o/beta_mean"]
-            scalars = {**values, "charts/episodic_return": returns.mean(), "charts/episodic_cost": costs.mean(),
-                       "charts/online_violations": violations, "charts/cumulative_cost": cumulative_cost,
-                       "charts/SPS": env_steps / (time.time() - start)}
-            for tag, value in scalars.items():
-                writer.add_scalar(tag, value, env_steps)
-            csv.write(f"{episodes_done},{env_steps},{returns.mean():.4f},{costs.mean():.4f},{lam:.6f},"
-                      f"{beta_mean:.4f},{values['famo2o/beta_std']:.4f},{violations},{cumulative_cost:.1f},,,,\n")
-            csv.flush()  # a stopped run keeps its progress
-            if episodes_done // args.online_eval_every > (episodes_done - n) // args.online_eval_every:
-                last_eval = log_eval(episodes_done, env_steps)
-            progress.set_postfix(ret=f"{returns.mean():.0f}", cost=f"{costs.mean():.1f}", lam=f"{lam:.3f}",
-                                 beta=f"{beta_mean:.2f}")
-    except KeyboardInterrupt:  # keep the work done so far
-        save_path, interrupted = save_path.removesuffix(".pt") + "_interrupted.pt", True
-        print(f"\ninterrupted after {episodes_done} episodes")
-    if evaluated_at != episodes_done:  # the final evaluation is of the final actor, also after an interrupt
-        last_eval = log_eval(episodes_done, env_steps)
-    csv.close()
-    ckpt = agent.checkpoint(args, args.env_id, obs_dim, act_dim, env_steps)
-    save_checkpoint(save_path, {**ckpt, "eval": last_eval})
-    return {"start": first_eval, "final": last_eval, "online_violations": violations, "episodes": episodes_done,
-            "cumulative_cost": cumulative_cost, "lambda": lam, "beta_mean": beta_mean, "interrupted": interrupted,
-            "checkpoint": save_path, "progress": csv_path, "wall_seconds": time.time() - start}
-
-
 def check_args(args: Args) -> None:
-    """Every rule on this file's flags (per-env defaults filled in), before any work: one line naming the first flag
-    that breaks its rule (the β range is checked in main)."""
-    refuse_bad_flags(flag_rules(args, counts=("offline_steps", "batch_size", "eval_every", "eval_episodes",
-                                              "episodes_per_iter", "updates_per_iter", "online_batch_size",
-                                              "online_eval_every"),
-                                rates=("alpha", "balance_alpha", "balance_lr", "balance_alpha_lr", "offline_actor_lr",
-                                       "offline_critic_lr", "actor_lr", "critic_lr", "cost_critic_lr", "reward_scale"))
-                     + [("online_episodes", args.online_episodes, args.online_episodes >= 0, ">= 0"),
-                        ("lambda_lr", args.lambda_lr, args.lambda_lr >= 0, ">= 0 (0: λ stays at --lambda-init)"),
-                        ("lambda_init", args.lambda_init, args.lambda_init >= 0, ">= 0"),
-                        ("balance_hidden_sizes", args.balance_hidden_sizes,
-                         len(args.balance_hidden_sizes) > 0 and min(args.balance_hidden_sizes) >= 1,
-                         "one or more sizes >= 1")])
+    check_common_args(args)
+    counts = ("offline_steps", "batch_size", "eval_every", "episodes_per_iter", "updates_per_iter",
+              "online_batch_size", "online_eval_every")
+    rates = ("alpha", "balance_alpha", "balance_lr", "balance_alpha_lr", "offline_actor_lr", "offline_critic_lr",
+             "actor_lr", "critic_lr", "cost_critic_lr", "reward_scale")
+    for flag, holds, must in [*((f, getattr(args, f) >= 1, ">= 1") for f in counts),
+                              *((f, getattr(args, f) > 0, "> 0") for f in rates),
+                              *((f, getattr(args, f) >= 0, ">= 0") for f in ("online_episodes", "lambda_init")),
+                              ("lambda_lr", args.lambda_lr >= 0, ">= 0 (0: λ stays at --lambda-init)"),
+                              ("balance_hidden_sizes", min(args.balance_hidden_sizes, default=0) >= 1,
+                               "one or more sizes >= 1"),
+                              ("beta_min", 0 <= args.beta_min < args.beta_max, f"in [0, --beta-max {args.beta_max})"),
+                              ("family_betas", all(args.beta_min <= b <= args.beta_max for b in args.family_betas),
+                               f"in [--beta-min, --beta-max] = [{args.beta_min}, {args.beta_max}]")]:
+        if not holds:
+            refuse(flag, getattr(args, flag), must)
 
 
 def main(args: Args) -> dict:
     if args.env_id not in ENV_DEFAULTS:
         raise InputError(f"--env-id {args.env_id}: no online defaults; choose one of {sorted(ENV_DEFAULTS)}")
-    actor_lr, critic_lr, cost_critic_lr, alpha, episodes = ENV_DEFAULTS[args.env_id]
-    lrs = tuple(default if given is None else given for given, default in
-                zip((args.actor_lr, args.critic_lr, args.cost_critic_lr), (actor_lr, critic_lr, cost_critic_lr)))
-    alpha = args.alpha if args.alpha is not None else alpha
-    online_episodes = args.online_episodes if args.online_episodes is not None else episodes
-    check_args(replace(args, actor_lr=lrs[0], critic_lr=lrs[1], cost_critic_lr=lrs[2], alpha=alpha,
-                       online_episodes=online_episodes))
-    if not 0 <= args.beta_min < args.beta_max:
-        raise InputError(f"need 0 <= --beta-min < --beta-max, got {args.beta_min} and {args.beta_max}")
-    outside = [b for b in args.family_betas if not args.beta_min <= b <= args.beta_max]
-    if outside:
-        raise InputError(f"--family-betas {outside} lie outside [--beta-min, --beta-max] = "
-                         f"[{args.beta_min}, {args.beta_max}], where the family was never trained")
+    args = replace(args, **{k: v for k, v in ENV_DEFAULTS[args.env_id].items() if getattr(args, k) is None})
+    check_args(args)
     random.seed(args.seed)
     np.random.seed(args.seed)  # also Bullet's reset noise
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # Bullet's reset keeps the motor targets of the last action (CarRun's wheels and steering), so an evaluation
-    # starts from where the one before it stopped: the env remembers its last action for --resume to replay
-    class RememberAction(gym.Wrapper):
-        action = None
-
-        def step(self, action):
-            self.action = action
-            return self.env.step(action)
-
-    env = RememberAction(make_env(args.env_id, args.seed + 10_000))  # evaluation env, apart from the online ones
+    env = make_env(args.env_id, args.seed + 10_000)  # evaluation env, apart from the online ones
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    resume = None
-    if args.resume is not None:  # refused before any work unless it continues this very run
-        resume = load_checkpoint(args.resume, args.env_id, obs_dim, act_dim, args.hidden_sizes)
-        if resume["algo"] != "famo2o_lag" or "resume" not in resume:
-            raise InputError(f"--resume {args.resume}: not a resumable checkpoint (famo2o_lag.py writes "
-                             f"*_offline_resume.pt)")
-        was, state = resume["args"], resume["resume"]
-        changed = [f"--{k.replace('_', '-')} (was {was.get(k)})" for k, v in asdict(args).items()
-                   if k not in ("exp_name", "track", "wandb_project_name", "cuda", "save_path", "resume")
-                   and was.get(k) != (list(v) if isinstance(v, tuple) else v)]
-        if args.save_path and os.path.abspath(args.save_path).removesuffix(".pt") + "_offline.pt" \
-                != state["save_path"]:
-            changed.append(f"--save-path (was {state['save_path'].removesuffix('_offline.pt')}.pt)")
-        if state["device"] != device.type:  # RNG states do not carry over between devices
-            changed.append(f"--cuda/--no-cuda (ran on {state['device']})")
-        if changed:
-            raise InputError(f"--resume {args.resume}: these flags differ from the interrupted run's: "
-                             f"{', '.join(changed)}")
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    save_path = args.save_path or (resume["resume"]["save_path"].removesuffix("_offline.pt") + ".pt" if resume
-                                   else os.path.join("runs", run_name, "famo2o.pt"))
-    run_dir = prepare_output_dir(save_path)
+    save_path = args.save_path or os.path.join("runs", run_name, "famo2o.pt")
     stem = save_path.removesuffix(".pt")
+    run_dir = prepare_output_dir(save_path)
     path = find_dataset(args.env_id, env.unwrapped.dataset_url, args.dataset_path)
     data = {k: torch.as_tensor(v, device=device) for k, v in load_dataset(path, obs_dim, act_dim).items()}
     data["rewards"] = data["rewards"] * args.reward_scale
@@ -942,53 +581,119 @@ def main(args: Args) -> dict:
         import wandb
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name)
     writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    agent = FamO2OLag(obs_dim, act_dim, args, alpha, q_thres).to(device)
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
 
-    # 1. offline: universal actor on β ~ U[β_min, β_max], balance model, λ; the best evaluation is kept. Ctrl-C
-    # stops it at the end of a step, where its state is whole, and keeps that state for --resume
-    start, stop = time.time(), []
-    default_sigint = signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum))
+    agent = FamO2OLag(obs_dim, act_dim, args, q_thres).to(device)
+    policy = FamilyPolicy(agent.actor, agent.balance)  # β from the balance model, as deployed
+
+    def evaluation(tag: str, step: int, episodes: Optional[int] = None) -> dict:  # online also a progress CSV row
+        result = evaluate(policy, env, args.eval_episodes, args.cost_limit, device)
+        for k, v in result.items():
+            writer.add_scalar(f"{tag}/{k}", v, step)
+        if episodes is not None:
+            csv.write(f"{episodes},{step},,,,,,,," + ",".join(f"{v:.4f}" for v in result.values()) + "\n")
+        return result
+
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    best, phase, kept, env_steps, start = None, "offline", "nothing saved", 0, time.time()
     try:
-        best, offline_sps = offline_phase(args, agent, data, env, writer, stem + "_offline.pt", device, stop, resume)
-    finally:
-        signal.signal(signal.SIGINT, default_sigint)  # the online phase handles Ctrl-C itself
-        if stop:
-            writer.close()
-    agent.load(best)
-    offline_wall = time.time() - start
-    # 2. family sweep of the kept offline model, saved with it
-    family = family_sweep(args, agent, env, stem, device, best["eval"])
-    writer.add_text("family", "|β|return|cost|norm ret|norm cost|\n|-|-|-|-|-|\n" + "\n".join(
-        f"|{r['beta']:g}|{r['return']:.1f}|{r['cost']:.1f}|{r['normalized_return']:.3f}|{r['normalized_cost']:.3f}|"
-        for r in family))
-    save_checkpoint(stem + "_offline.pt", {**best, "family": family})
-    # 3. online: same networks and λ, fresh optimizers at the env's online lrs
-    agent.set_optimizers(*lrs)
-    online = online_phase(args, agent, env, writer, save_path, device, online_episodes)
+        # 1. offline: the universal actor on β ~ U[β_min, β_max] per sample, the balance model on its own β, and λ
+        progress = tqdm(range(1, args.offline_steps + 1), desc="famo2o offline")
+        for step in progress:
+            idx = torch.randint(len(data["rewards"]), (args.batch_size,), device=device, generator=generator)
+            beta = torch.rand(args.batch_size, device=device, generator=generator)  # every β learns from every s
+            beta = args.beta_min + (args.beta_max - args.beta_min) * beta
+            info = agent.update(*(data[k][idx] for k in REPLAY_KEYS), beta=beta)
+            if step % 100 == 0:  # one host sync per 100 steps
+                for tag, value in zip(info, torch.stack(list(info.values())).tolist()):
+                    writer.add_scalar(f"offline/{tag}", value, step)
+                writer.add_scalar("offline/charts/SPS", step / (time.time() - start), step)
+            if step % args.eval_every == 0 or step == args.offline_steps:
+                result = evaluation("offline/eval", step)
+                progress.set_postfix(ret=f"{result['return']:.1f}", cost=f"{result['cost']:.1f}",
+                                     lam=f"{float(agent.lam):.3f}")
+                if is_better(result, best and best["eval"]):
+                    # deep copy: the state dicts hold the live parameters, which keep training
+                    best = copy.deepcopy({**agent.checkpoint(args, args.env_id, obs_dim, act_dim, step),
+                                          "eval": {**result, "step": step}})
+                    save_checkpoint(stem + "_offline.pt", best)
+                    kept = f"kept {stem}_offline.pt (the best offline evaluation so far)"
+        agent.load(best)
+
+        phase = "family sweep"  # 2. fixed β ∈ --family-betas on the kept offline model, saved with it
+        family = family_sweep(args, agent, env, stem, device, best["eval"])
+        save_checkpoint(stem + "_offline.pt", {**best, "family": family})
+        kept = f"kept {stem}_offline.pt (the offline model and its family sweep)"
+
+        # 3. online: the same networks and λ, fresh optimizers at the env's online lrs, sac_lag_apid.py's loop
+        phase, csv = "online", open(stem + "_progress.csv", "w")
+        csv.write("episodes,env_steps,return,cost,lambda,beta_mean,beta_std,violations,cumulative_cost,"
+                  "eval_return,eval_cost,eval_normalized_return,eval_normalized_cost\n")
+        agent.set_optimizers(args.actor_lr, args.critic_lr, args.cost_critic_lr)
+        # reseeded as marvel_full.py's online stage: the same reset noise (np.random) as the other methods' online runs
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        envs = [make_env(args.env_id, args.seed + i) for i in range(args.episodes_per_iter)]
+        replay = ReplayBuffer(args.online_episodes * env.spec.max_episode_steps, obs_dim, act_dim, device)
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        env_steps = episodes_done = violations = 0
+        cumulative_cost, lam, beta_mean, online_start = 0.0, float(agent.lam), float("nan"), time.time()
+        first_eval = last_eval = evaluation("eval", 0, episodes=0)
+        progress = tqdm(range(math.ceil(args.online_episodes / args.episodes_per_iter)), desc="famo2o online")
+        for _ in progress:
+            n = min(args.episodes_per_iter, args.online_episodes - episodes_done)
+            batch, returns, costs = collect_episodes(envs[:n], policy, device)  # β ~ π_b, a ~ π
+            replay.add({**batch, "rewards": batch["rewards"] * args.reward_scale})
+            env_steps += len(batch["rewards"])
+            episodes_done += n
+            violations += int((costs > args.cost_limit).sum())
+            cumulative_cost += float(costs.sum())
+            for _ in range(args.updates_per_iter):  # β from the balance model, sampled
+                info = agent.update(*replay.sample(args.online_batch_size, generator))
+            # the balance model's (deterministic) β at the states visited in this iteration
+            with torch.no_grad():
+                betas = agent.balance(torch.as_tensor(batch["observations"], device=device), deterministic=True)[0]
+            writer.add_histogram("famo2o/beta", betas, env_steps)
+            info = {**info, "famo2o/beta_mean": betas.mean(), "famo2o/beta_std": betas.std()}
+            values = dict(zip(info, torch.stack(list(info.values())).tolist()))  # one sync per iteration
+            lam, beta_mean = values["lagrange/lambda"], values["famo2o/beta_mean"]
+            scalars = {**values, "charts/episodic_return": returns.mean(), "charts/episodic_cost": costs.mean(),
+                       "charts/online_violations": violations, "charts/cumulative_cost": cumulative_cost,
+                       "charts/SPS": env_steps / (time.time() - online_start)}
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, value, env_steps)
+            csv.write(f"{episodes_done},{env_steps},{returns.mean():.4f},{costs.mean():.4f},{lam:.6f},"
+                      f"{beta_mean:.4f},{values['famo2o/beta_std']:.4f},{violations},{cumulative_cost:.1f},,,,\n")
+            csv.flush()  # a stopped run keeps its progress
+            crossed = episodes_done // args.online_eval_every > (episodes_done - n) // args.online_eval_every
+            if crossed or episodes_done == args.online_episodes:  # the last iteration evaluates the final policy
+                last_eval = evaluation("eval", env_steps, episodes_done)
+            progress.set_postfix(ret=f"{returns.mean():.0f}", cost=f"{costs.mean():.1f}", lam=f"{lam:.3f}",
+                                 beta=f"{beta_mean:.2f}")
+    except KeyboardInterrupt:
+        if phase == "online":  # the policy so far, beside the finished offline model
+            save_checkpoint(stem + "_interrupted.pt", agent.checkpoint(args, args.env_id, obs_dim, act_dim, env_steps))
+            kept += f", {stem}_progress.csv and {stem}_interrupted.pt (the policy so far, not evaluated)"
+        print(f"famo2o_lag.py: interrupted in the {phase} phase; {kept}", file=sys.stderr)
+        sys.exit(130)
+    csv.close()
+    save_checkpoint(save_path, {**agent.checkpoint(args, args.env_id, obs_dim, act_dim, env_steps), "eval": last_eval})
     writer.close()
 
-    rows = {f"offline ({best['eval']['step']})": best["eval"], **{f"β = {r['beta']:g}": r for r in family},
-            "online start": online["start"], "final": online["final"]}
     print(f"\n{'':16}{'return':>9}{'cost':>7}{'norm ret':>10}{'norm cost':>11}")
-    for name, r in rows.items():
+    for name, r in {f"offline ({best['eval']['step']})": best["eval"], **{f"β = {r['beta']:g}": r for r in family},
+                    "online start": first_eval, "final": last_eval}.items():
         print(f"{name:16}{r['return']:>9.1f}{r['cost']:>7.1f}{r['normalized_return']:>10.3f}"
               f"{r['normalized_cost']:>11.3f}")
-    print(f"offline: {args.offline_steps} steps at {offline_sps:.1f} steps/s, wall {offline_wall:.0f}s; family "
-          f"sweep: {stem}_family.csv")
-    print(f"online: {online['episodes']} episodes, {online['online_violations']} over the limit, cumulative cost "
-          f"{online['cumulative_cost']:.0f}, final λ {online['lambda']:.4f}, last mean β {online['beta_mean']:.2f}, "
-          f"wall {online['wall_seconds']:.0f}s")
-    print(f"checkpoints: {stem}_offline.pt, {online['checkpoint']}   progress: {online['progress']}")
-    return {**online, "offline": best["eval"], "family": family, "offline_steps_per_s": offline_sps}
+    print(f"online: {episodes_done} episodes, {violations} over the limit, cumulative cost {cumulative_cost:.0f}, "
+          f"final λ {lam:.4f}, last mean β {beta_mean:.2f}; wall time {time.time() - start:.0f}s")
+    print(f"checkpoints: {stem}_offline.pt, {save_path}; family sweep {stem}_family.csv; progress {stem}_progress.csv")
+    return last_eval
 
 
 if __name__ == "__main__":
     try:
-        if main(tyro.cli(Args))["interrupted"]:
-            sys.exit(130)  # partial results are saved, but the run did not finish
+        main(tyro.cli(Args))
     except InputError as e:
         sys.exit(f"famo2o_lag.py: error: {e}")
-    except KeyboardInterrupt as e:  # Ctrl-C in the offline phase: it says what it kept
-        print(f"famo2o_lag.py: {str(e) or 'interrupted before training started'}", file=sys.stderr)
-        sys.exit(130)

@@ -1,10 +1,13 @@
 """FamO2O-Lag: β encoding and balance map by hand, actor/balance loss values and gradient directions, λ's dual
-ascent, checkpoint round-trip, and CLI smoke runs (the family sweep's files, one-line input errors)."""
+ascent, checkpoint round-trip, and CLI runs (the family sweep's files, per-env defaults, one-line input errors, what
+Ctrl-C keeps in each phase)."""
 import csv
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -16,8 +19,8 @@ import famo2o_lag as fl
 
 def tiny_agent(seed=0, hidden=(32, 32), **kw):
     torch.manual_seed(seed)
-    args = fl.Args(hidden_sizes=hidden, balance_hidden_sizes=(16,), **kw)
-    return fl.FamO2OLag(OBS_DIM, ACT_DIM, args, alpha=0.2, q_thres=8.66)
+    args = fl.Args(hidden_sizes=hidden, balance_hidden_sizes=(16,), alpha=0.2, **kw)
+    return fl.FamO2OLag(OBS_DIM, ACT_DIM, args, q_thres=8.66)
 
 
 def test_beta_encoding_by_hand():
@@ -208,7 +211,7 @@ def test_checkpoint_round_trip(tmp_path):
     for name in ("critic", "critic_target", "cost_critic", "cost_critic_target"):
         assert torch.equal(getattr(agent, name)(obs, act), getattr(other, name)(obs, act))
     assert other.lam.item() == 1.25
-    with pytest.raises(fl.InputError, match="does not fit"):
+    with pytest.raises(RuntimeError, match="size mismatch"):  # strict: never drops or reshapes weights
         tiny_agent(hidden=(16, 16)).load(ckpt)
 
 
@@ -220,8 +223,8 @@ def cli(*flags, cwd):
 def test_cli_smoke_and_family_sweep(tmp_path, dataset_file):
     proc = cli("--dataset-path", dataset_file, "--hidden-sizes", "32", "32", "--offline-steps", "30",
                "--eval-every", "15", "--eval-episodes", "1", "--online-episodes", "2", "--episodes-per-iter", "1",
-               "--updates-per-iter", "2", "--family-betas", "1", "5", "--save-path", str(tmp_path / "f.pt"),
-               cwd=tmp_path)
+               "--updates-per-iter", "2", "--family-betas", "1", "5", "--critic-lr", "1e-3",
+               "--save-path", str(tmp_path / "f.pt"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "β = 1" in proc.stdout and "β = 5" in proc.stdout and "over the limit" in proc.stdout
     family = list(csv.DictReader(open(tmp_path / "f_family.csv")))
@@ -233,14 +236,17 @@ def test_cli_smoke_and_family_sweep(tmp_path, dataset_file):
     assert [r["beta"] for r in offline["family"]] == [1.0, 5.0] and "balance" in offline
     final = torch.load(tmp_path / "f.pt", weights_only=True)
     assert final["step"] == 400 and final["lagrange"]["kind"] == "critic_dual" and final["lagrange"]["lam"] >= 0
+    # the flags left at None take CarRun's ENV_DEFAULTS (5e-5, 5e-3, 8e-3, 5e-3, 500); given flags stay
+    assert {k: final["args"][k] for k in ("actor_lr", "critic_lr", "cost_critic_lr", "alpha", "online_episodes")} \
+        == {"actor_lr": 5e-5, "critic_lr": 1e-3, "cost_critic_lr": 8e-3, "alpha": 5e-3, "online_episodes": 2}
     rows = list(csv.DictReader(open(tmp_path / "f_progress.csv")))
     assert len(rows) == 1 + 2 + 1  # start evaluation, 2 iterations, final evaluation
     assert all(1.0 <= float(r["beta_mean"]) <= 5.0 for r in rows if r["beta_mean"])
 
 
 @pytest.mark.parametrize("flags, message", [
-    (("--beta-min", "5", "--beta-max", "1"), "--beta-min"),
-    (("--family-betas", "0.5", "3"), "outside"),
+    (("--beta-min", "5", "--beta-max", "1"), "--beta-min 5.0: must be in [0, --beta-max 1.0)"),
+    (("--family-betas", "0.5", "3"), "--family-betas 0.5 3.0: must be in [--beta-min, --beta-max] = [1.0, 5.0]"),
     (("--env-id", "NoSuchEnv-v0"), "NoSuchEnv-v0"),
     (("--offline-steps", "0"), "--offline-steps 0: must be >= 1"),
 ])
@@ -257,3 +263,45 @@ def test_bad_dataset_is_one_line_error(tmp_path):
     proc = cli("--dataset-path", str(bad), cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "not a readable HDF5" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("famo2o_lag.py: error:")
+
+
+def interrupt_when(ready, tmp_path, *flags):
+    """Run famo2o_lag.py, press Ctrl-C once `ready()` holds; returns (exit code, last stderr line)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "famo2o_lag.py"), "--no-cuda", "--hidden-sizes",
+                             "16", "16", "--batch-size", "32", "--eval-episodes", "1", "--family-betas", "1", "5",
+                             "--save-path", str(tmp_path / "f.pt"), *flags],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err, err[-2000:]
+    return proc.returncode, err.strip().splitlines()[-1]
+
+
+def test_ctrl_c_offline_keeps_the_best_offline_checkpoint(tmp_path, dataset_file):
+    offline = tmp_path / "f_offline.pt"
+    code, line = interrupt_when(offline.exists, tmp_path, "--dataset-path", dataset_file, "--offline-steps", "100000",
+                                "--eval-every", "20")
+    assert code == 130 and line == (f"famo2o_lag.py: interrupted in the offline phase; kept {offline} (the best "
+                                    f"offline evaluation so far)")
+    ckpt = torch.load(offline, weights_only=True)
+    assert ckpt["algo"] == "famo2o_lag" and ckpt["eval"]["step"] % 20 == 0 and "family" not in ckpt
+    assert not (tmp_path / "f_family.csv").exists() and not (tmp_path / "f.pt").exists()
+
+
+def test_ctrl_c_online_keeps_the_offline_model_and_the_policy_so_far(tmp_path, dataset_file):
+    progress = tmp_path / "f_progress.csv"
+    code, line = interrupt_when(lambda: progress.exists() and len(progress.read_text().splitlines()) >= 4, tmp_path,
+                                "--dataset-path", dataset_file, "--offline-steps", "20", "--eval-every", "20",
+                                "--online-episodes", "1000", "--episodes-per-iter", "1", "--updates-per-iter", "2",
+                                "--online-eval-every", "1000")
+    stem = tmp_path / "f"
+    assert code == 130 and line == (f"famo2o_lag.py: interrupted in the online phase; kept {stem}_offline.pt (the "
+                                    f"offline model and its family sweep), {stem}_progress.csv and "
+                                    f"{stem}_interrupted.pt (the policy so far, not evaluated)")
+    assert "family" in torch.load(f"{stem}_offline.pt", weights_only=True)
+    ckpt = torch.load(f"{stem}_interrupted.pt", weights_only=True)
+    assert ckpt["algo"] == "famo2o_lag" and 0 < ckpt["step"] < 1000 * 200 and "balance" in ckpt
+    assert not (tmp_path / "f.pt").exists()
