@@ -895,6 +895,130 @@ PROGRESS_FIELDS = ("episodes", "env_steps", "return", "cost", "lambda", "kp", "k
                    "deployments", "learner_eval_return", "learner_eval_cost")
 
 
+class OnlineStage:
+    """The online phase as state and a loop body, shared verbatim by sac_lag_apid.py's main and marvel_full.py's
+    stage 3: the learner, the λ controller, the gate, the replay buffer and the progress CSV. `iteration()` collects
+    episodes, updates λ once and takes the SAC-Lag steps; `finish()` evaluates and saves the policy."""
+
+    def __init__(self, args, agent: SACLag, envs: list, eval_env: gym.Env, offline: Optional[dict],
+                 writer: SummaryWriter, csv_path: str, gate_max_wait: int, device: torch.device):
+        self.args, self.agent, self.envs, self.eval_env, self.offline = args, agent, envs, eval_env, offline
+        self.writer, self.csv_path, self.device = writer, csv_path, device
+        self.obs_dim, self.act_dim = eval_env.observation_space.shape[0], eval_env.action_space.shape[0]
+        self.lagrangian = make_lagrangian(args)
+        self.replay = ReplayBuffer(args.online_episodes * eval_env.spec.max_episode_steps, self.obs_dim,
+                                   self.act_dim, device)
+        self.generator = torch.Generator(device=device).manual_seed(args.seed)
+        self.num_offline = int(round(args.offline_ratio * args.batch_size)) if offline is not None else 0
+        self.csv_file = open(csv_path, "w", newline="")
+        self.csv = csv.DictWriter(self.csv_file, PROGRESS_FIELDS)
+        self.csv.writeheader()
+        # gated deployment: `gate.deployed` runs the episodes and anchors the actor, `agent.actor` learns
+        self.gate = DeploymentGate(agent.actor, args.cost_limit, gate_max_wait, (1 - args.cost_margin) *
+                                   args.cost_limit, args.rollback_tightening) if args.deploy == "gated" else None
+        self.deployed = self.gate.deployed if self.gate else agent.actor
+        self.env_steps = self.episodes = self.violations = self.evaluated_at = 0
+        self.cumulative_cost = self.held_test_cost = 0.0
+        self.first_eval = self.last_eval = self.evaluate()
+        self.lam = self.lagrangian.lam  # aPID/PID start at 0 (the offline λ is on another scale)
+
+    def evaluate(self) -> dict:
+        """The deployed policy (and, gated, the learner, for the record) in the evaluation env."""
+        args, gate = self.args, self.gate
+        result = evaluate(self.deployed, self.eval_env, args.eval_episodes, args.cost_limit, self.device)
+        row = {"episodes": self.episodes, "env_steps": self.env_steps,
+               **{f"eval_{k}": f"{v:.4f}" for k, v in result.items()}}
+        if gate:
+            learner = evaluate(self.agent.actor, self.eval_env, args.eval_episodes, args.cost_limit, self.device)
+            row.update(deployments=gate.deployments, learner_eval_return=f"{learner['return']:.4f}",
+                       learner_eval_cost=f"{learner['cost']:.4f}")
+            self.writer.add_scalar("eval/learner_return", learner["return"], self.env_steps)
+            self.writer.add_scalar("eval/learner_cost", learner["cost"], self.env_steps)
+        for k, v in result.items():
+            self.writer.add_scalar(f"eval/{k}", v, self.env_steps)
+        self.csv.writerow(row)
+        self.csv_file.flush()
+        self.evaluated_at = self.episodes
+        return result
+
+    def minibatch(self) -> list:
+        """`batch_size` transitions: from the online replay, the last `num_offline` of them from the dataset."""
+        sample = self.replay.sample(self.args.batch_size - self.num_offline, self.generator)
+        if self.num_offline > 0:
+            idx = torch.randint(len(self.offline["rewards"]), (self.num_offline,), device=self.device,
+                                generator=self.generator)
+            sample = [torch.cat([s, self.offline[k][idx]]) for s, k in zip(sample, REPLAY_KEYS)]
+        return sample
+
+    def iteration(self) -> dict:
+        args, agent, gate = self.args, self.agent, self.gate
+        n = min(args.episodes_per_iter, args.online_episodes - self.episodes)
+        testing = gate is not None and gate.test_due()
+        parts = []  # the learner's test episode (in the first env) comes first, then the deployed policy's
+        if testing:
+            parts.append(collect_episodes(self.envs[:1], agent.actor, self.device))
+        if n > testing:
+            parts.append(collect_episodes(self.envs[int(testing):n], self.deployed, self.device))
+        batch = {k: np.concatenate([part[0][k] for part in parts]) for k in REPLAY_KEYS}
+        returns, costs = (np.concatenate([part[i] for part in parts]) for i in (1, 2))
+        test_return, test_cost = (float(returns[0]), float(costs[0])) if testing else (None, None)
+        if gate:
+            gate.update(agent.actor, returns[int(testing):], costs[int(testing):], test_return, test_cost)
+            if testing:
+                agent.anchor_weight = next_anchor_weight(agent.anchor_weight, test_cost, gate.pass_cost,
+                                                         args.bc_weight)
+            self.lagrangian.target = gate.pass_cost  # λ aims where the gate deploys, lower after each rollback
+        self.replay.add({**batch, "rewards": batch["rewards"] * args.reward_scale})
+        self.env_steps += len(batch["rewards"])
+        self.episodes += n
+        self.violations += int((costs > args.cost_limit).sum())
+        self.cumulative_cost += float(costs.sum())
+        # one controller update per iteration, on the episodes' mean cost (the paper) or on the learner's latest
+        # test (the deployed policy's costs say nothing about the learner's), held until the next test
+        if args.cost_signal == "episodes":
+            self.lam = self.lagrangian.update(float(costs.mean()))
+        else:
+            self.held_test_cost = test_cost if testing else self.held_test_cost
+            self.lam = self.lagrangian.update(self.held_test_cost)
+
+        for _ in range(args.updates_per_iter):
+            info = agent.update(*self.minibatch(), lam=self.lam, anchor=self.deployed if gate else None)
+        gains = {k: getattr(self.lagrangian, k, float("nan")) for k in ("kp", "ki", "kd")}
+        scalars = {"charts/episodic_return": returns.mean(), "charts/episodic_cost": costs.mean(),
+                   "lagrange/lambda": self.lam, **{f"lagrange/{k}": g for k, g in gains.items()},
+                   "charts/bc_weight": agent.anchor_weight, "charts/online_violations": self.violations,
+                   "charts/cumulative_cost": self.cumulative_cost}
+        for tag, value in [*zip(info, torch.stack(list(info.values())).tolist()), *scalars.items()]:
+            self.writer.add_scalar(tag, value, self.env_steps)  # one host sync per iteration
+        self.csv.writerow({"episodes": self.episodes, "env_steps": self.env_steps, "return": f"{returns.mean():.4f}",
+                           "cost": f"{costs.mean():.4f}", "lambda": f"{self.lam:.6f}",
+                           **{k: f"{g:.6g}" for k, g in gains.items()}, "violations": self.violations,
+                           "cumulative_cost": f"{self.cumulative_cost:.1f}",
+                           "deployments": gate.deployments if gate else ""})
+        self.csv_file.flush()  # a stopped run keeps its progress
+        if self.episodes // args.eval_every > (self.episodes - n) // args.eval_every:
+            self.last_eval = self.evaluate()
+        return {"ret": f"{returns.mean():.0f}", "cost": f"{costs.mean():.1f}", "lam": f"{self.lam:.3f}"}
+
+    def finish(self, save_path: str, algo: str) -> dict:
+        """Evaluate the final policy (also after an interrupt) and save it: the checkpoint's actor is the deployed
+        policy, the learner is kept beside it. An unfinished run goes to *_interrupted.pt."""
+        interrupted = self.episodes < self.args.online_episodes
+        save_path = save_path.removesuffix(".pt") + "_interrupted.pt" if interrupted else save_path
+        if self.evaluated_at != self.episodes:
+            self.last_eval = self.evaluate()
+        self.csv_file.close()
+        ckpt = self.agent.checkpoint(self.args.env_id, self.obs_dim, self.act_dim, self.env_steps, algo,
+                                     self.lagrangian)
+        if self.gate:
+            ckpt = {**ckpt, "actor": self.deployed.state_dict(), "learner_actor": self.agent.actor.state_dict(),
+                    "gate": self.gate.state_dict()}
+        save_checkpoint(save_path, {**ckpt, "eval": self.last_eval})
+        return {"start": self.first_eval, "final": self.last_eval, "online_violations": self.violations,
+                "cumulative_cost": self.cumulative_cost, "episodes": self.episodes, "lambda": self.lam,
+                "interrupted": interrupted, "checkpoint": save_path}
+
+
 def check_args(args: Args) -> None:
     check_common_args(args)
     check_online_args(args)
@@ -1033,7 +1157,7 @@ def main(args: Args) -> dict:
                     save_checkpoint(paths["vpa"], aligned)
                     wall["vpa"], start = time.time() - start, time.time()
                 continue
-            if t == cpq_steps + vpa_steps:  # ---- stage 3 starts, set up exactly as sac_lag_apid.py
+            if t == cpq_steps + vpa_steps:  # ---- stage 3 starts, set up exactly as in sac_lag_apid.py
                 init = aligned if args.vpa and args.pretrain else offline if args.pretrain else None
                 if aligned is not None and args.vpa:
                     rows["after VPA"] = aligned["eval"]
@@ -1043,95 +1167,12 @@ def main(args: Args) -> dict:
                 envs = [make_env(args.env_id, args.seed + i) for i in range(args.episodes_per_iter)]
                 eval_env = make_env(args.env_id, args.seed + 10_000)
                 agent = SACLag(obs_dim, act_dim, args).to(device)
-                algo = "sac_lag"
                 if init is not None:
                     agent.load(init)
-                    algo = f"{init['algo']}+sac_lag"
-                lagrangian = make_lagrangian(args)
-                replay = ReplayBuffer(args.online_episodes * eval_env.spec.max_episode_steps, obs_dim, act_dim, device)
-                generator = torch.Generator(device=device).manual_seed(args.seed)
-                num_offline = int(round(args.offline_ratio * args.batch_size))
-                csv_path = paths["sac_lag"].removesuffix(".pt") + "_progress.csv"
-                csv_file = open(csv_path, "w", newline="")
-                progress_csv = csv.DictWriter(csv_file, PROGRESS_FIELDS)
-                progress_csv.writeheader()
-                gate = DeploymentGate(agent.actor, args.cost_limit, GATE_MAX_WAIT,
-                                      (1 - args.cost_margin) * args.cost_limit,
-                                      args.rollback_tightening) if args.deploy == "gated" else None
-                deployed = gate.deployed if gate else agent.actor
-
-                def log_eval(episodes_done: int, env_steps: int) -> dict:
-                    result = evaluate(deployed, eval_env, args.eval_episodes, args.cost_limit, device)
-                    row = {"episodes": episodes_done, "env_steps": env_steps,
-                           **{f"eval_{k}": f"{v:.4f}" for k, v in result.items()}}
-                    if gate:  # the learner, evaluated the same way, for the record
-                        learner = evaluate(agent.actor, eval_env, args.eval_episodes, args.cost_limit, device)
-                        row.update(deployments=gate.deployments, learner_eval_return=f"{learner['return']:.4f}",
-                                   learner_eval_cost=f"{learner['cost']:.4f}")
-                        result.update(learner_return=learner["return"], learner_cost=learner["cost"])
-                    for k, v in result.items():
-                        writer.add_scalar(f"eval/{k}", v, env_steps)
-                    progress_csv.writerow(row)
-                    csv_file.flush()
-                    return {k: result[k] for k in ("return", "cost", "normalized_return", "normalized_cost")}
-
-                def minibatch() -> list:
-                    sample = replay.sample(args.batch_size - num_offline, generator)
-                    if num_offline > 0:
-                        idx = torch.randint(len(data["rewards"]), (num_offline,), device=device, generator=generator)
-                        sample = [torch.cat([s, data[k][idx]]) for s, k in zip(sample, REPLAY_KEYS)]
-                    return sample
-
-                env_steps = episodes_done = violations = evaluated_at = 0
-                cumulative_cost, held_test_cost = 0.0, 0.0
-                last_eval = log_eval(0, 0)
-                lam, stage = lagrangian.lam, "online"
-            # ---- stage 3: one online iteration (sac_lag_apid.py's loop body)
-            n = min(args.episodes_per_iter, args.online_episodes - episodes_done)
-            testing = gate is not None and gate.test_due()
-            parts = []  # the learner's test episode (in the first env) comes first, then the deployed policy's
-            if testing:
-                parts.append(collect_episodes(envs[:1], agent.actor, device))
-            if n > testing:
-                parts.append(collect_episodes(envs[int(testing):n], deployed, device))
-            batch = {k: np.concatenate([part[0][k] for part in parts]) for k in REPLAY_KEYS}
-            returns, costs = (np.concatenate([part[i] for part in parts]) for i in (1, 2))
-            test_return, test_cost = (float(returns[0]), float(costs[0])) if testing else (None, None)
-            if gate:
-                gate.update(agent.actor, returns[int(testing):], costs[int(testing):], test_return, test_cost)
-                if testing:
-                    agent.anchor_weight = next_anchor_weight(agent.anchor_weight, test_cost, gate.pass_cost,
-                                                             args.bc_weight)
-                lagrangian.target = gate.pass_cost  # λ aims where the gate deploys, lower after each rollback
-            replay.add({**batch, "rewards": batch["rewards"] * args.reward_scale})
-            env_steps += len(batch["rewards"])
-            episodes_done += n
-            violations += int((costs > args.cost_limit).sum())
-            cumulative_cost += float(costs.sum())
-            if args.cost_signal == "episodes":
-                lam = lagrangian.update(float(costs.mean()))
-            else:
-                held_test_cost = test_cost if testing else held_test_cost
-                lam = lagrangian.update(held_test_cost)
-            for _ in range(args.updates_per_iter):
-                info = agent.update(*minibatch(), lam=lam, anchor=deployed if gate else None)
-            for tag, value in zip(info, torch.stack(list(info.values())).tolist()):  # one sync per iteration
-                writer.add_scalar(tag, value, env_steps)
-            gains = {k: getattr(lagrangian, k, float("nan")) for k in ("kp", "ki", "kd")}
-            for tag, value in {"charts/episodic_return": returns.mean(), "charts/episodic_cost": costs.mean(),
-                               "lagrange/lambda": lam, **{f"lagrange/{k}": g for k, g in gains.items()},
-                               "charts/bc_weight": agent.anchor_weight, "charts/online_violations": violations,
-                               "charts/cumulative_cost": cumulative_cost}.items():
-                writer.add_scalar(tag, value, env_steps)
-            progress_csv.writerow({"episodes": episodes_done, "env_steps": env_steps, "return": f"{returns.mean():.4f}",
-                                   "cost": f"{costs.mean():.4f}", "lambda": f"{lam:.6f}",
-                                   **{k: f"{g:.6g}" for k, g in gains.items()}, "violations": violations,
-                                   "cumulative_cost": f"{cumulative_cost:.1f}",
-                                   "deployments": gate.deployments if gate else ""})
-            csv_file.flush()
-            if episodes_done // args.eval_every > (episodes_done - n) // args.eval_every:
-                last_eval, evaluated_at = log_eval(episodes_done, env_steps), episodes_done
-            progress.set_postfix(ret=f"{returns.mean():.0f}", cost=f"{costs.mean():.1f}", lam=f"{lam:.3f}")
+                online = OnlineStage(args, agent, envs, eval_env, data if args.offline_ratio > 0 else None, writer,
+                                     paths["sac_lag"].removesuffix(".pt") + "_progress.csv", GATE_MAX_WAIT, device)
+                stage = "online"
+            progress.set_postfix(online.iteration())  # ---- stage 3: one online iteration
     except KeyboardInterrupt:
         progress.close()
         if stage != "online":  # an unfinished stage 1 or 2 is not kept: --resume reruns it
@@ -1139,31 +1180,24 @@ def main(args: Args) -> dict:
             print(f"marvel_full.py: interrupted in stage {stage}; kept "
                   f"{', '.join(kept) or 'nothing'}; continue with --resume {save_dir}", file=sys.stderr)
             sys.exit(130)
-    interrupted = episodes_done < args.online_episodes  # the online policy so far is kept, as sac_lag_interrupted.pt
-    save_path = paths["sac_lag"].removesuffix(".pt") + "_interrupted.pt" if interrupted else paths["sac_lag"]
-    if evaluated_at != episodes_done:  # the final evaluation is of the final policy, also after an interrupt
-        last_eval = log_eval(episodes_done, env_steps)
-    csv_file.close()
+    result = online.finish(paths["sac_lag"], f"{init['algo']}+sac_lag" if init is not None else "sac_lag")
     writer.close()
-    ckpt = agent.checkpoint(args.env_id, obs_dim, act_dim, env_steps, algo, lagrangian)
-    if gate:  # the checkpoint's actor is the deployed policy (the one evaluated); the learner is kept beside it
-        ckpt = {**ckpt, "actor": deployed.state_dict(), "learner_actor": agent.actor.state_dict(),
-                "gate": gate.state_dict()}
-    save_checkpoint(save_path, {**ckpt, "eval": last_eval})
-    rows["final"], wall["online"] = last_eval, time.time() - start
-    summary = {"stages": stages, "eval": rows, "online_violations": violations, "cumulative_cost": cumulative_cost,
-               "online_episodes": episodes_done, "final_lambda": lam, "wall_seconds": wall, "device": str(device),
-               "interrupted": interrupted, "checkpoint": save_path, "args": asdict(args)}
+    rows["final"], wall["online"] = result["final"], time.time() - start
+    summary = {"stages": stages, "eval": rows, "online_violations": result["online_violations"],
+               "cumulative_cost": result["cumulative_cost"], "online_episodes": result["episodes"],
+               "final_lambda": result["lambda"], "wall_seconds": wall, "device": str(device),
+               "interrupted": result["interrupted"], "checkpoint": result["checkpoint"], "args": asdict(args)}
     with open(os.path.join(save_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"\n{'':12}{'return':>9}{'cost':>7}{'norm ret':>10}{'norm cost':>11}")
     for name, r in rows.items():
         print(f"{name:12}{r['return']:>9.1f}{r['cost']:>7.1f}{r['normalized_return']:>10.3f}{r['normalized_cost']:>11.3f}")
-    print(f"online: {episodes_done} episodes, {violations} over the limit, cumulative cost {cumulative_cost:.0f}, "
-          f"final λ {lam:.4f}; wall time " + ", ".join(f"{k} {v:.0f}s" for k, v in wall.items()))
-    if interrupted:
-        print(f"marvel_full.py: interrupted in stage 3 after {episodes_done} of {args.online_episodes} episodes: the "
-              f"policy so far is in {save_path}; --resume {save_dir} reruns stage 3", file=sys.stderr)
+    print(f"online: {online.episodes} episodes, {online.violations} over the limit, cumulative cost "
+          f"{online.cumulative_cost:.0f}, final λ {online.lam:.4f}; wall time "
+          + ", ".join(f"{k} {v:.0f}s" for k, v in wall.items()))
+    if summary["interrupted"]:
+        print(f"marvel_full.py: interrupted in stage 3 after {online.episodes} of {args.online_episodes} episodes: "
+              f"the policy so far is in {summary['checkpoint']}; --resume {save_dir} reruns stage 3", file=sys.stderr)
     return summary
 
 
