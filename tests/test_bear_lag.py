@@ -1,4 +1,4 @@
-"""BEAR-Lag: MMD, mixed max-over-samples targets, the Qc PID multiplier, checkpoints, CLI."""
+"""BEAR-Lag: MMD, mixed max-over-samples targets, the Qc PID multiplier, checkpoints, --resume, CLI."""
 import math
 import os
 import subprocess
@@ -148,6 +148,32 @@ def test_checkpoint_round_trip_and_strict_refusal(tmp_path):
             bear_lag.load_checkpoint(path, *bad)
 
 
+def test_last_checkpoint_restores_the_whole_training_state(tmp_path):
+    """What *_last.pt holds (networks, log α, the PID's state, the optimizers) is all the next update depends on
+    besides the random numbers: a fresh agent loaded from it takes the very same step."""
+    agent = small_agent(alpha_lr=0.1)
+    for s in range(3):
+        agent.update(*batch(seed=s))
+    path = str(tmp_path / "b_last.pt")
+    optimizers = {k: v.state_dict() for k, v in vars(agent).items() if isinstance(v, torch.optim.Optimizer)}
+    assert set(optimizers) == {"actor_opt", "critics_opt", "vae_opt", "alpha_opt"}
+    bear_lag.save_checkpoint(path, {**agent.checkpoint(agent.args, ENV_ID, OBS_DIM, ACT_DIM, step=3),
+                                    "optimizers": optimizers})
+    fresh = small_agent(seed=5, alpha_lr=0.1)
+    fresh.load(bear_lag.load_checkpoint(path, ENV_ID, OBS_DIM, ACT_DIM, (32, 32)))
+    assert agent.lagrangian.integral.item() > 0 or agent.lagrangian.prev_error.item() != 0  # a state to restore
+    for k in ("lam", "integral", "prev_error"):
+        assert torch.equal(getattr(fresh.lagrangian, k), getattr(agent.lagrangian, k))
+    assert torch.equal(fresh.log_alpha, agent.log_alpha) and agent.log_alpha.item() != 0
+    steps = []
+    for a in (agent, fresh):
+        torch.manual_seed(7)
+        steps.append({k: v.item() for k, v in a.update(*batch(seed=9)).items()})
+    assert steps[0] == steps[1]
+    for (name, p), q in zip(agent.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), name
+
+
 def run(script, *flags, cwd):
     return subprocess.Popen([sys.executable, os.path.join(ROOT, script), "--no-cuda", *flags], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -179,11 +205,39 @@ def test_cli_smoke_and_checkpoint_accepted_downstream(dataset_file, tmp_path):
         assert code == 0, f"{name}: {err[-2000:]}"
     assert torch.load(tmp_path / "s.pt", weights_only=True)["algo"] == "bear_lag+sac_lag"
     assert torch.load(tmp_path / "v.pt", weights_only=True)["algo"] == "bear_lag+vpa"
+    # *_last.pt: the latest evaluation with the optimizers; --resume goes on from it in place, up to the new budget
+    assert set(last["optimizers"]) == {"actor_opt", "critics_opt", "vae_opt", "alpha_opt"}
+    assert last["best"]["step"] == best["step"] and last["eval"]["step"] == 4
+    code, err = finish(run("bear_lag.py", "--total-steps", "6", "--eval-every", "2", "--eval-episodes", "1",
+                           "--batch-size", "32", "--hidden-sizes", "32", "32", "--vae-hidden", "32",
+                           "--dataset-path", dataset_file, "--resume", str(save.parent / "b_last.pt"), cwd=tmp_path))
+    assert code == 0, err[-2000:]
+    resumed = torch.load(save.parent / "b_last.pt", weights_only=True)
+    assert resumed["step"] == 6 and resumed["eval"]["step"] == 6 and not (tmp_path / "runs").exists()
+    # two more updates on the loaded optimizers (Adam counts its steps), not six from fresh ones
+    steps = {name: {float(s["step"]) for s in state["state"].values()} for name, state in resumed["optimizers"].items()}
+    assert steps == {"actor_opt": {6.0}, "critics_opt": {6.0}, "vae_opt": {6.0}, "alpha_opt": {6.0}}
+    better = bear_lag.is_better(resumed["eval"], last["best"])  # the best so far carries over
+    assert resumed["best"] == (resumed["eval"] if better else last["best"])
+    assert torch.load(save, weights_only=True)["step"] == resumed["best"]["step"]
 
 
 @pytest.mark.parametrize("flags, needle", [(["--total-steps", "0"], "--total-steps"),
-                                           (["--dataset-path", "no/such.hdf5"], "no such file")])
+                                           (["--dataset-path", "no/such.hdf5"], "no dataset at no/such.hdf5")])
 def test_cli_rejects_bad_input(flags, needle, tmp_path):
     code, err = finish(run("bear_lag.py", *flags, cwd=tmp_path))
     assert code != 0 and "Traceback" not in err and needle in err
     assert err.strip().splitlines()[-1].startswith("bear_lag.py: error:")
+
+
+def test_resume_refuses_what_it_cannot_continue(dataset_file, tmp_path):
+    """--resume takes a bear_lag.py *_last.pt (not a best checkpoint) and goes on in its folder."""
+    agent = small_agent()
+    best = tmp_path / "b.pt"
+    bear_lag.save_checkpoint(str(best), agent.checkpoint(agent.args, ENV_ID, OBS_DIM, ACT_DIM, step=2))
+    common = ["--hidden-sizes", "32", "32", "--vae-hidden", "32", "--dataset-path", dataset_file]
+    for flags, message in [(["--resume", str(best)], f"--resume {best}: not a bear_lag.py *_last.pt checkpoint"),
+                           (["--resume", str(tmp_path / "b_last.pt"), "--save-path", str(tmp_path / "c.pt")],
+                            f"--save-path {tmp_path / 'c.pt'}: a resumed run goes on beside --resume, at {best}")]:
+        code, err = finish(run("bear_lag.py", *common, *flags, cwd=tmp_path))
+        assert code != 0 and err.strip() == f"bear_lag.py: error: {message}", err[-2000:]
