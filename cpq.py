@@ -46,7 +46,7 @@ class Args:
     cuda: bool = True  # use CUDA when it is available
     track: bool = False  # log to Weights and Biases (needs wandb and a login)
     wandb_project_name: str = "o2o-safe-rl"  # wandb project name
-    dataset_path: Optional[str] = None  # DSRL-format HDF5 file (default: DSRL cache, datasets/<env-id>.hdf5, download)
+    dataset_path: Optional[str] = None  # DSRL-format HDF5 file (default: DSRL's cache, then datasets/<env-id>.hdf5)
     save_path: Optional[str] = None  # best checkpoint (default runs/<run-name>/cpq.pt); *_last.pt beside it
     resume: Optional[str] = None  # a *_last.pt to continue from (weights, optimizers, step; not bit-identical)
     cost_limit: float = 20.0  # episode cost limit d (undiscounted sum of per-step costs)
@@ -477,7 +477,12 @@ def main(args: Args) -> dict:
     env = make_env(args.env_id, args.seed)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    save_path = args.save_path or os.path.join("runs", run_name, "cpq.pt")
+    if args.resume is not None and not args.resume.endswith("_last.pt"):
+        raise InputError(f"--resume {args.resume}: not a cpq.py *_last.pt checkpoint")
+    resumed_best = None if args.resume is None else args.resume.removesuffix("_last.pt") + ".pt"
+    save_path = args.save_path or resumed_best or os.path.join("runs", run_name, "cpq.pt")
+    if resumed_best is not None and os.path.abspath(save_path) != os.path.abspath(resumed_best):
+        raise InputError(f"--save-path {save_path}: a resumed run goes on beside --resume, at {resumed_best}")
     last_path = save_path.removesuffix(".pt") + "_last.pt"
     run_dir = prepare_output_dir(save_path)
     resume = None
@@ -495,7 +500,7 @@ def main(args: Args) -> dict:
         import wandb
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name)
     writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|" + "".join(f"\n|{k}|{v}|" for k, v in vars(args).items()))
 
     agent = CPQ(obs_dim, act_dim, args, q_thres).to(device)
     best, last_eval, step = None, None, 0
