@@ -1,41 +1,24 @@
 """VPA: Value Pre-Alignment (Marvel, arXiv 2412.04426, §3.1) of an offline checkpoint's critics, in one file.
 
-    python vpa.py --env-id OfflineCarRun-v0 --init runs/cpq_seed0/cpq.pt    # → vpa.pt + vpa_spearman.csv
+    python vpa.py --env-id OfflineCarRun-v0 --init runs/<run>/cpq.pt   # → runs/<run>/vpa.pt + vpa_spearman.csv
 
-Offline critics are shaped by the offline objective (CPQ inflates Qc of out-of-distribution actions and zeroes Q
-behind unsafe next actions) and mislead the first online updates. VPA re-fits both critics to the frozen offline
-policy μ with an entropy bonus, on offline data only, before any interaction. Per TD step on a minibatch
-(s, a, r, c, s', term) of the dataset, with one a' ~ μ(·|s') shared by both targets:
+Offline critics (CPQ inflates Qc of OOD actions, zeroes Q behind unsafe next actions) mislead the first online
+updates. VPA re-fits both to the frozen offline policy μ on offline data; per TD step, one a' ~ μ(·|s') for both:
     y   = r·reward_scale + γ(1−term)·[ min_i Q'_i(s', a') − α_vpa  ·log μ(a'|s') ]
     y_c = c              + γ(1−term)·[      Qc'(s', a')   − α_c_vpa·log μ(a'|s') ]      0 ≤ α_c_vpa < α_vpa
     L = Σ_i MSE(Q_i(s, a), y),   L_c = MSE(Qc(s, a), y_c),   then Polyak targets Q' ← (1−τ)Q' + τQ, same for Qc'.
-−log μ is a bonus where μ is uncertain: such state-actions look better to Q and, less so, costlier to Qc — optimism
-that invites exploration online. μ never changes; only `terminals` cut bootstrapping (timeouts are truncations).
-The output checkpoint has the same contract, algo "<offline algo>+vpa".
-
-Diagnostic (the paper's Table 1): Spearman ρ between critic values (Q: min over the ensemble) and discounted Monte-
-Carlo returns of μ, before and after VPA. A Bullet simulator cannot be put into the state behind a dataset
-observation, so the states are μ's own: roll μ out (stochastic, as in the targets) from env resets; at uniformly
-drawn steps save the simulator (`snapshot`), and for a ~ μ(·|s) ("policy" pairs) and a ~ U[−1, 1]^A ("random"
-pairs) step with a, follow μ for --mc-horizon more steps on the unwrapped env and sum γ^t r_t and γ^t c_t; restore.
-The unwrapped env has no 200-step limit, so every pair gets the same horizon, as the infinite-horizon critics
-assume (γ^300 ≈ 0.05). Scope, honestly: "policy" pairs stand in for the paper's dataset pairs — states μ visits
-and actions μ takes, not the dataset's states and behaviour actions; "random" pairs are the paper's random
-actions, at μ's states instead of the dataset's. The same pairs score the critics before and after.
+−log μ is a bonus where μ is uncertain (optimism for online exploration), a penalty where log μ > 0: so α is small.
 """
 import copy
 import math
 import os
 import random
-import shutil
-import signal
 import sys
 import tempfile
 import time
-import urllib.request
 import warnings
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 os.environ.setdefault("DSRL_SUPPRESS_IMPORT_ERROR", "1")  # dsrl warns about suites we do not install
 import dsrl  # noqa: F401  (registers the Offline*-v0 environments)
@@ -53,87 +36,51 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
-    # help that spans lines is one implicitly joined string: tyro keeps the line breaks of a multi-line docstring
-    init: str
-    """offline checkpoint (cpq.py, bear_lag.py) whose actor μ is frozen and whose critics are aligned"""
-    exp_name: str = "vpa"
-    """name of this experiment (part of the run name)"""
-    env_id: str = "OfflineCarRun-v0"
-    ("DSRL environment id, e.g. OfflineBallCircle-v0, OfflineBallRun-v0, OfflineCarCircle-v0, OfflineCarRun-v0, "
-     "OfflineDroneCircle-v0, OfflineDroneRun-v0, OfflineAntCircle-v0, OfflineAntRun-v0 (data bundled for "
-     "the Ball and Car tasks; the Drone and Ant tasks need benchmark/collect_dataset.py first)")
-    seed: int = 0
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """set `torch.backends.cudnn.deterministic`"""
-    cuda: bool = True
-    """use CUDA when it is available"""
-    track: bool = False
-    """log to Weights and Biases (needs wandb installed and a login)"""
-    wandb_project_name: str = "o2o-safe-rl"
-    """wandb project name"""
-    dataset_path: Optional[str] = None
-    """DSRL-format HDF5 file; default: DSRL cache, then datasets/<env-id>.hdf5, then download"""
-    save_path: Optional[str] = None
-    """output checkpoint (default runs/<run-name>/vpa.pt); the Spearman table goes beside it as *_spearman.csv"""
-    resume: Optional[str] = None
-    ("a *_resume.pt file (written beside the checkpoint every --eval-every steps and on Ctrl-C) to continue from, "
-     "with the same flags")
-    cost_limit: float = 20.0
-    """episode cost limit d (for the normalised cost of the evaluation)"""
-    total_steps: int = 20_000
-    """TD steps (official schedule: 20 000 steps of minibatch 64)"""
-    batch_size: int = 64
-    """minibatch size"""
-    eval_every: int = 2_000
-    """log the Spearman ρ of the critics on the diagnostic pairs every this many steps (μ is frozen: one env eval)"""
-    eval_episodes: int = 10
-    """deterministic evaluation episodes of μ (the result is stored in the output checkpoint)"""
-    alpha_vpa: Optional[float] = None
-    ("α_vpa, weight of the entropy term in the reward target (default: 2 × the env's online SAC α, CarRun 0.01). "
-     "Chosen by a sweep on a real CarRun CPQ checkpoint (benchmark/results/vpa_alpha_sweep_cpq15k): over α ∈ {0.001, "
-     "0.01, 0.05, 0.1} (α_c = α/2) 0.01 gave ρ(Q) 0.86 (best 0.90) and hurt ρ(Qc) least. A near-deterministic μ has "
-     "log μ > 0, so −α·log μ is then a penalty, not a bonus: large α drags Q and Qc below zero.")
-    alpha_c_vpa: Optional[float] = None
-    """α_c_vpa, weight of the entropy term in the cost target (default: α_vpa / 2); must be < α_vpa (the paper)"""
-    critic_lr: Optional[float] = None
-    """reward critic learning rate (default: the env's online critic lr, ENV_DEFAULTS)"""
-    cost_critic_lr: Optional[float] = None
-    """cost critic learning rate (default: the env's online cost critic lr, ENV_DEFAULTS)"""
-    gamma: float = 0.99
-    """discount factor"""
-    tau: float = 0.005
-    """target-network Polyak rate"""
-    reward_scale: float = 0.1
-    """rewards are multiplied by this in training; must equal the checkpoint's"""
-    diagnostic: bool = True
-    """run the Spearman diagnostic (--no-diagnostic skips its rollouts)"""
-    diagnostic_pairs: int = 100
-    """states of μ scored by the diagnostic; each gives one "policy" and one "random" pair"""
-    pairs_per_episode: int = 10
-    """diagnostic states drawn per rollout episode of μ (uniformly over its steps)"""
-    mc_horizon: int = 300
-    """steps of μ after the pair's action in each Monte-Carlo return (γ^H is the neglected tail weight)"""
+    init: str  # offline checkpoint (cpq.py, bear_lag.py) whose actor μ is frozen and whose critics are aligned
+    exp_name: str = "vpa"  # name of this experiment (part of the run name)
+    env_id: str = "OfflineCarRun-v0"  # DSRL task: Offline{Ball,Car,Drone,Ant}{Run,Circle}-v0
+    seed: int = 0  # seed of the experiment
+    torch_deterministic: bool = True  # set `torch.backends.cudnn.deterministic`
+    cuda: bool = True  # use CUDA when it is available
+    track: bool = False  # log to Weights and Biases (needs wandb and a login)
+    wandb_project_name: str = "o2o-safe-rl"  # wandb project name
+    dataset_path: Optional[str] = None  # DSRL-format HDF5 file (default: DSRL's cache, then datasets/<env-id>.hdf5)
+    save_path: Optional[str] = None  # output checkpoint (default runs/<run-name>/vpa.pt); *_spearman.csv beside it
+    cost_limit: float = 20.0  # episode cost limit d (for the normalised cost of μ's evaluation)
+    total_steps: int = 20_000  # TD steps (the official schedule: 20 000 of minibatch 64)
+    batch_size: int = 64  # minibatch size
+    eval_every: int = 2_000  # log the diagnostic's Spearman ρ every this many steps (μ is frozen: one env evaluation)
+    eval_episodes: int = 10  # deterministic evaluation episodes of μ (stored in the output checkpoint)
+    gamma: float = 0.99  # discount factor
+    tau: float = 0.005  # target-network Polyak rate
+    reward_scale: float = 0.1  # rewards are multiplied by this in training; must equal the checkpoint's
+    # VPA
+    alpha_vpa: Optional[float] = None  # α_vpa of the reward target (default 2 × the env's online SAC α: CarRun 0.01)
+    alpha_c_vpa: Optional[float] = None  # α_c_vpa of the cost target (default α_vpa / 2); must be < α_vpa
+    critic_lr: Optional[float] = None  # reward critic learning rate (default: the env's online one, ENV_DEFAULTS)
+    cost_critic_lr: Optional[float] = None  # cost critic learning rate (default: the env's online one, ENV_DEFAULTS)
+    # Spearman diagnostic (the paper's Table 1)
+    diagnostic: bool = True  # run it (--no-diagnostic skips its rollouts)
+    diagnostic_pairs: int = 100  # states of μ scored; each gives one "policy" and one "random" pair
+    pairs_per_episode: int = 10  # states drawn per rollout episode of μ (uniformly over its steps)
+    mc_horizon: int = 300  # steps of μ after the pair's action in each Monte-Carlo return
 
 
-# Per-env defaults of the official Marvel configuration: (actor lr, critic lr, cost critic lr, α, online episodes).
+# Per-env defaults of the official Marvel configuration, for the Args fields left at None.
 ENV_DEFAULTS = {
-    "OfflineBallCircle-v0": (5e-5, 5e-3, 5e-3, 1e-3, 500), "OfflineBallRun-v0": (1e-5, 5e-3, 5e-3, 1e-3, 500),
-    "OfflineCarCircle-v0": (5e-4, 5e-3, 8e-3, 1e-3, 500), "OfflineCarRun-v0": (5e-5, 5e-3, 8e-3, 5e-3, 500),
-    "OfflineDroneCircle-v0": (5e-6, 8e-4, 2e-3, 5e-3, 1000), "OfflineDroneRun-v0": (2e-6, 8e-3, 5e-3, 1e-3, 5000),
-    "OfflineAntCircle-v0": (5e-5, 5e-4, 8e-4, 5e-5, 5000), "OfflineAntRun-v0": (5e-5, 2e-3, 5e-3, 1e-4, 5000),
+    "OfflineBallCircle-v0": dict(actor_lr=5e-5, critic_lr=5e-3, cost_critic_lr=5e-3, alpha=1e-3, online_episodes=500),
+    "OfflineBallRun-v0": dict(actor_lr=1e-5, critic_lr=5e-3, cost_critic_lr=5e-3, alpha=1e-3, online_episodes=500),
+    "OfflineCarCircle-v0": dict(actor_lr=5e-4, critic_lr=5e-3, cost_critic_lr=8e-3, alpha=1e-3, online_episodes=500),
+    "OfflineCarRun-v0": dict(actor_lr=5e-5, critic_lr=5e-3, cost_critic_lr=8e-3, alpha=5e-3, online_episodes=500),
+    "OfflineDroneCircle-v0": dict(actor_lr=5e-6, critic_lr=8e-4, cost_critic_lr=2e-3, alpha=5e-3,
+                                  online_episodes=1000),
+    "OfflineDroneRun-v0": dict(actor_lr=2e-6, critic_lr=8e-3, cost_critic_lr=5e-3, alpha=1e-3, online_episodes=5000),
+    "OfflineAntCircle-v0": dict(actor_lr=5e-5, critic_lr=5e-4, cost_critic_lr=8e-4, alpha=5e-5, online_episodes=5000),
+    "OfflineAntRun-v0": dict(actor_lr=5e-5, critic_lr=2e-3, cost_critic_lr=5e-3, alpha=1e-4, online_episodes=5000),
 }
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Dataset: find a DSRL-format HDF5 file, then load and validate it.
-DSRL_MIRROR = "https://huggingface.co/datasets/YYY-45/DSRL/resolve/main/"
-# what `python benchmark/collect_dataset.py --env-id <task>` takes with its defaults on a 2-core CPU: scripted
-# controllers for the Ball and Car tasks (measured); the others first train four SAC-Lag behaviour agents (estimated
-# from measured rates, see datasets/README.md)
-COLLECT_TIME = {"OfflineBallCircle-v0": "2 min", "OfflineBallRun-v0": "1 min", "OfflineCarCircle-v0": "6 min",
-                "OfflineCarRun-v0": "3 min", "OfflineDroneCircle-v0": "35 min", "OfflineDroneRun-v0": "25 min",
-                "OfflineAntCircle-v0": "1.5 h", "OfflineAntRun-v0": "25 min"}
+# --- Data: a DSRL-format HDF5 file, checked against the env --------------------------------------------------
 DSRL_KEYS = ("observations", "next_observations", "actions", "rewards", "costs", "terminals", "timeouts")
 
 
@@ -141,52 +88,30 @@ class InputError(Exception):
     """Bad input (dataset, checkpoint, flag): reported as one line and a non-zero exit, no traceback."""
 
 
-def download_file(url: str, dest: str, timeout: float = 30.0) -> None:
-    part = dest + ".part"  # never leave a half-written file under the final name
-    with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
-        shutil.copyfileobj(response, f)
-    os.replace(part, dest)
-
-
-def find_dataset(env_id: str, dataset_url: str, dataset_path: Optional[str] = None,
-                 download: Callable[[str, str], None] = download_file) -> str:
-    """--dataset-path → DSRL cache → bundled datasets/<env-id>.hdf5 → download (DSRL, then HF mirror)."""
-    if dataset_path is not None:
-        if not os.path.isfile(dataset_path):
-            raise InputError(f"--dataset-path {dataset_path}: no such file")
-        return dataset_path
-    name = os.path.basename(dataset_url)
-    cache_dir = os.environ.get("DSRL_DATASET_DIR", os.path.expanduser("~/.dsrl/datasets"))
-    cached = os.path.join(cache_dir, name)
+def find_dataset(env_id: str, dataset_url: str, dataset_path: Optional[str] = None) -> str:
+    """--dataset-path, else DSRL's cache file ($DSRL_DATASET_DIR, default ~/.dsrl/datasets), else the bundled
+    datasets/<env-id>.hdf5."""
+    cached = os.path.join(os.environ.get("DSRL_DATASET_DIR", os.path.expanduser("~/.dsrl/datasets")),
+                          os.path.basename(dataset_url))
     bundled = os.path.join(os.path.dirname(os.path.abspath(__file__)), "datasets", f"{env_id}.hdf5")
-    if os.path.isfile(cached):
-        return cached
-    if os.path.isfile(bundled):
-        print(f"dataset: {bundled} (this project's locally collected data, not DSRL's)")
-        return bundled
-    tried = [cached, bundled]
-    for url in (dataset_url, DSRL_MIRROR + name):
-        try:
-            os.makedirs(cache_dir, exist_ok=True)
-            download(url, cached)
-            return cached
-        except Exception as e:  # any network/file failure: try the next source, report all at the end
-            tried.append(f"{url} ({type(e).__name__})")
-    raise InputError(f"no dataset for {env_id}; tried {', '.join(tried)}. Place the file at {cached} (or pass "
-                     f"--dataset-path), or make one (about {COLLECT_TIME.get(env_id, 'an hour or more')} on a "
-                     f"2-core CPU): python benchmark/collect_dataset.py --env-id {env_id}")
+    for path in [dataset_path] if dataset_path is not None else [cached, bundled]:
+        if os.path.isfile(path):
+            if path == bundled:
+                print(f"dataset: {bundled} (this project's locally collected data, not DSRL's)")
+            return path
+    raise InputError(f"no dataset at {dataset_path or cached + ' or ' + bundled}; pass --dataset-path or make one: "
+                     f"python benchmark/collect_dataset.py --env-id {env_id}")
 
 
 def load_dataset(path: str, obs_dim: int, act_dim: int) -> dict:
     """Read the seven DSRL keys and check shapes against the env, dtypes and finiteness."""
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in DSRL_KEYS if k not in f]
-            if missing:
-                raise InputError(f"{path}: missing keys {missing}")
-            data = {k: f[k][()] for k in DSRL_KEYS}
+            data = {k: f[k][()] for k in DSRL_KEYS if k in f}
     except OSError as e:
         raise InputError(f"{path}: not a readable HDF5 file ({e})") from None
+    if len(data) < len(DSRL_KEYS):
+        raise InputError(f"{path}: missing keys {[k for k in DSRL_KEYS if k not in data]}")
     n = len(data["observations"])
     widths = {"observations": obs_dim, "next_observations": obs_dim, "actions": act_dim}
     for k, v in data.items():
@@ -205,8 +130,7 @@ def load_dataset(path: str, obs_dim: int, act_dim: int) -> dict:
     return {k: v.astype(np.float32) for k, v in data.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Environment and evaluation.
+# --- Environment and evaluation -----------------------------------------------------------------------------
 def make_env(env_id: str, seed: int) -> gym.Env:
     try:
         env = gym.make(env_id)
@@ -235,8 +159,7 @@ def evaluate(actor: nn.Module, env: gym.Env, episodes: int, cost_limit: float, d
             "normalized_return": float(norm_ret), "normalized_cost": float(norm_cost)}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Networks shared by every file (identical copies, so checkpoints move between files with strict loading).
+# --- Networks, identical in every file (so checkpoints move between files with strict loading) --------------
 def mlp(sizes, activate_last: bool = False) -> nn.Sequential:
     layers = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -295,64 +218,33 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints: a dict of tensors and plain values, loadable with torch.load(path, weights_only=True).
+# --- Checkpoints: a dict of tensors and plain values, loadable with torch.load(path, weights_only=True) ------
 CHECKPOINT_FORMAT = "o2o-safe-rl/1"
 CHECKPOINT_KEYS = ("algo", "reward_scale", "cost_limit", "step", "actor", "critic", "critic_target", "cost_critic",
                    "cost_critic_target")
 
 
 def to_cpu(value):
-    """Tensors (also inside dicts and lists) moved to the CPU, so a checkpoint written on a GPU opens anywhere."""
-    if torch.is_tensor(value):
-        return value.detach().cpu()
+    """Tensors, also inside dicts and lists, on the CPU: a checkpoint written on a GPU opens anywhere."""
     if isinstance(value, dict):
         return {k: to_cpu(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(to_cpu(v) for v in value)
-    return value
-
-
-def flag_rules(args, counts: Tuple[str, ...] = (), rates: Tuple[str, ...] = (), common: bool = True) -> list:
-    """The rules every file shares, as (flag, value, holds, what it must be): the fields named in `counts` are whole
-    numbers >= 1, those in `rates` > 0 (None: a per-env default, filled in later), and (`common`) where the file has
-    them the cost limit is >= 0, 0 < γ < 1, 0 < τ <= 1 and every hidden layer has a unit."""
-    rules = [(name, getattr(args, name), getattr(args, name) >= 1, ">= 1") for name in counts]
-    rules += [(name, getattr(args, name), getattr(args, name) is None or getattr(args, name) > 0, "> 0")
-              for name in rates]
-    shared = (("cost_limit", lambda v: v >= 0, ">= 0 (an episode's cost is a sum of costs >= 0)"),
-              ("gamma", lambda v: 0 < v < 1, "in (0, 1)"), ("tau", lambda v: 0 < v <= 1, "in (0, 1]"),
-              ("hidden_sizes", lambda v: len(v) > 0 and min(v) >= 1, "one or more sizes >= 1"))
-    for name, holds, must in shared if common else ():
-        if hasattr(args, name):
-            rules.append((name, getattr(args, name), holds(getattr(args, name)), must))
-    return rules
-
-
-def refuse_bad_flags(rules: list) -> None:
-    """`rules` as flag_rules makes them, in order: the first that does not hold is refused in one line that names its
-    flag, before any work starts."""
-    for name, value, holds, must in rules:
-        if not holds:
-            value = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
-            raise InputError(f"--{name.replace('_', '-')} {value}: must be {must}")
+    return value.detach().cpu() if torch.is_tensor(value) else value
 
 
 def prepare_output_dir(path: str) -> str:
-    """Create the folder that will hold `path` and prove it writable before any work starts (one-line error if not).
-    Returns the folder: the run's checkpoints, progress CSV and TensorBoard events all go there."""
+    """Create the folder of `path` and prove it writable before any work; returns it (TensorBoard logs go there)."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         raise InputError(f"{path}: cannot write there ({e.strerror or e})") from None
     return folder
 
 
 def save_checkpoint(path: str, checkpoint: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({"format": CHECKPOINT_FORMAT, **to_cpu(checkpoint)}, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
 
@@ -375,8 +267,13 @@ def load_checkpoint(path: str, env_id: str, obs_dim: int, act_dim: int, hidden_s
     return ckpt
 
 
-# ----------------------------------------------------------------------------------------------------------
-# VPA.
+# --- Flags: every bad one is refused in one line naming it, before any work --------------------------------
+def refuse(flag: str, value, must: str) -> None:
+    value = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+    raise InputError(f"--{flag.replace('_', '-')} {value}: must be {must}")
+
+
+# --- VPA ---------------------------------------------------------------------------------------------------
 def vpa_targets(batch: dict, actor: nn.Module, critic_target: nn.Module, cost_critic_target: nn.Module,
                 gamma: float, alpha: float, alpha_c: float):
     """y = r + γ(1−term)[min Q'(s',a') − α log μ(a'|s')],  y_c = c + γ(1−term)[Qc'(s',a') − α_c log μ(a'|s')],
@@ -401,8 +298,7 @@ class VPA(nn.Module):
         self.cost_critic = QEnsemble(obs_dim, act_dim, hidden_sizes, num_q=1)
         self.critic_target = QEnsemble(obs_dim, act_dim, hidden_sizes, num_q=2).requires_grad_(False)
         self.cost_critic_target = QEnsemble(obs_dim, act_dim, hidden_sizes, num_q=1).requires_grad_(False)
-        # fresh Adam (the offline optimizer state would carry the offline lrs); the two losses are independent,
-        # so one backward of their sum serves both parameter groups; fused: ~1.3× steps/s on CPU at batch 64
+        # fresh Adam (not the offline lrs); one backward of the two independent losses' sum; fused: ~1.3× steps/s on CPU
         self.critics_opt = torch.optim.Adam([{"params": self.critic.parameters(), "lr": args.critic_lr},
                                              {"params": self.cost_critic.parameters(), "lr": args.cost_critic_lr}],
                                             fused=True)
@@ -433,288 +329,168 @@ class VPA(nn.Module):
                 "losses/entropy_mu": -log_mu.mean()}
 
 
-def init_hidden_sizes(path: str) -> Tuple[int, ...]:
-    """The architecture the checkpoint declares (VPA keeps the networks it is given; VPA.load is strict)."""
-    try:
-        return tuple(torch.load(path, map_location="cpu", weights_only=True)["hidden_sizes"])
-    except Exception:  # unreadable or foreign file: load_checkpoint reports it in one line
-        return ()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Diagnostic: Spearman ρ between critic values and discounted Monte-Carlo returns of μ (see the module docstring).
+# --- Diagnostic: Spearman ρ of the critics (Q: ensemble min) against discounted Monte-Carlo returns of μ -----
 PAIR_KINDS = ("policy", "random")
 PLAIN = (bool, int, float, np.ndarray, np.generic)
 
 
 def snapshot(raw: gym.Env) -> tuple:
-    """pybullet's saveState covers the simulation, not the plain Python numbers that env, task and agent keep between
-    steps (RunTask.old_potential: the reward is a potential difference): copy those too. Exact replay is tested."""
-    objects = (raw, raw.task, raw.agent, *raw.obstacles)
+    """pybullet's saveState, plus the plain numbers env, task and agent keep (the reward is a potential difference)."""
     return raw.bc.saveState(), [(o, {k: copy.deepcopy(v) for k, v in vars(o).items() if isinstance(v, PLAIN)})
-                                for o in objects]
+                                for o in (raw, raw.task, raw.agent, *raw.obstacles)]
 
 
 def restore(raw: gym.Env, snap: tuple) -> None:
-    state_id, saved = snap
-    raw.bc.restoreState(state_id)
-    for o, numbers in saved:  # copies again: reset() mutates some arrays in place (agent.init_xyz)
+    raw.bc.restoreState(snap[0])
+    for o, numbers in snap[1]:  # copies again: reset() mutates some arrays in place (agent.init_xyz)
         vars(o).update(copy.deepcopy(numbers))
 
 
 @torch.no_grad()
-def policy_action(actor: nn.Module, obs: np.ndarray, device: torch.device) -> np.ndarray:
-    return actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0][0].cpu().numpy()
-
-
-def mc_return(raw: gym.Env, actor: nn.Module, action: np.ndarray, horizon: int, gamma: float,
-              device: torch.device) -> Tuple[float, float]:
-    """(Σ_t γ^t r_t, Σ_t γ^t c_t), t = 0..H: step with `action`, then follow μ (stochastic) for H steps."""
-    ret = cost = 0.0
-    for t in range(horizon + 1):
-        obs, reward, terminated, _, info = raw.step(action)
-        ret, cost = ret + gamma ** t * reward, cost + gamma ** t * info["cost"]
-        if terminated:
-            break
-        action = policy_action(actor, obs, device)
-    return ret, cost
-
-
 def collect_pairs(env: gym.Env, actor: nn.Module, args: Args, device: torch.device) -> dict:
-    """States visited by μ from env resets, each with a "policy" and a "random" action and their MC returns.
-    Returns obs (N, O), act (2, N, A), ret (2, N), cost (2, N); index 0/1 follows PAIR_KINDS."""
-    raw, horizon = env.unwrapped, env.spec.max_episode_steps
-    rng = np.random.default_rng(args.seed)
-    rows = []  # (s, a, MC return, MC cost), alternating policy and random pairs
-    progress = tqdm(total=args.diagnostic_pairs, desc="mc pairs", dynamic_ncols=True)
-    while len(rows) < 2 * args.diagnostic_pairs:
-        n = min(args.pairs_per_episode, args.diagnostic_pairs - len(rows) // 2, horizon)
-        picks = set(rng.choice(horizon, size=n, replace=False).tolist())
-        obs, _ = raw.reset()
-        for t in range(horizon):
-            action = policy_action(actor, obs, device)
-            if t in picks:
-                snap = snapshot(raw)
-                for a in (action, rng.uniform(-1.0, 1.0, action.shape).astype(np.float32)):
-                    rows.append((obs, a, *mc_return(raw, actor, a, args.mc_horizon, args.gamma, device)))
-                    restore(raw, snap)  # both branches start from the same saved state
-                raw.bc.removeState(snap[0])
-                progress.update()
-            obs, _, terminated, _, _ = raw.step(action)  # the episode goes on as if never branched
+    """Bullet cannot be set to a dataset state, so at random steps of μ's rollouts the simulator is saved, stepped with
+    a ~ μ ("policy" pair, for the paper's dataset pairs) or a ~ U[−1, 1]^A ("random"), μ followed for --mc-horizon
+    steps without the time limit, and restored: {kind: [states, actions, MC returns, MC costs]} for PAIR_KINDS."""
+    raw, horizon, rng = env.unwrapped, env.spec.max_episode_steps, np.random.default_rng(args.seed)
+
+    def mu(obs: np.ndarray) -> np.ndarray:  # stochastic, as in the VPA targets
+        return actor(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0][0].cpu().numpy()
+
+    def mc_return(action: np.ndarray) -> Tuple[float, float]:  # Σ_t γ^t (r_t, c_t), t = 0..H: `action`, then μ
+        ret = cost = 0.0
+        for t in range(args.mc_horizon + 1):
+            obs, reward, terminated, _, info = raw.step(action)
+            ret, cost = ret + args.gamma ** t * reward, cost + args.gamma ** t * info["cost"]
             if terminated:
                 break
-    progress.close()
-    obs, act, ret, cost = (np.array(column) for column in zip(*rows))
-    n = len(rows) // 2
-    return {"obs": obs[::2].astype(np.float32), "act": act.reshape(n, 2, -1).swapaxes(0, 1),
-            "ret": ret.reshape(n, 2).T, "cost": cost.reshape(n, 2).T}
+            action = mu(obs)
+        return ret, cost
 
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    with warnings.catch_warnings():  # constant input (e.g. no cost on any rollout): ρ is undefined, report nan
-        warnings.simplefilter("ignore")
-        return float(spearmanr(x, y).statistic)
+    rows = {kind: [] for kind in PAIR_KINDS}
+    with tqdm(total=args.diagnostic_pairs, desc="mc pairs") as progress:
+        while len(rows["policy"]) < args.diagnostic_pairs:
+            n = min(args.pairs_per_episode, args.diagnostic_pairs - len(rows["policy"]), horizon)
+            picks = set(rng.choice(horizon, size=n, replace=False).tolist())
+            obs, _ = raw.reset()
+            for t in range(horizon):
+                action = mu(obs)
+                if t in picks:
+                    snap = snapshot(raw)
+                    for kind, a in zip(PAIR_KINDS, (action, rng.uniform(-1.0, 1.0, action.shape).astype(np.float32))):
+                        rows[kind].append((obs, a, *mc_return(a)))
+                        restore(raw, snap)  # both branches start from the same saved state
+                    raw.bc.removeState(snap[0])
+                    progress.update()
+                obs, _, terminated, _, _ = raw.step(action)  # the episode goes on as if never branched
+                if terminated:
+                    break
+    return {kind: [np.array(column) for column in zip(*pairs)] for kind, pairs in rows.items()}
 
 
 @torch.no_grad()
-def spearman_table(agent: VPA, pairs: dict, device: torch.device) -> dict:
-    """{"Q/policy": ρ, "Q/random": ρ, "Qc/policy": ρ, "Qc/random": ρ} for the current (not target) critics."""
-    obs, table = torch.as_tensor(pairs["obs"], device=device), {}
-    acts = [torch.as_tensor(a, device=device) for a in pairs["act"]]
-    for k, kind in enumerate(PAIR_KINDS):
-        table[f"Q/{kind}"] = spearman(agent.critic(obs, acts[k]).min(0).values.cpu().numpy(), pairs["ret"][k])
-    for k, kind in enumerate(PAIR_KINDS):
-        table[f"Qc/{kind}"] = spearman(agent.cost_critic(obs, acts[k])[0].cpu().numpy(), pairs["cost"][k])
+def spearman_table(agent: VPA, pairs: dict, device: torch.device, writer: SummaryWriter, step: int) -> dict:
+    """{"Q/policy": ρ, "Q/random": ρ, "Qc/policy": ρ, "Qc/random": ρ} of the current (not target) critics, logged."""
+    table = {}
+    for critic, net, mc in (("Q", agent.critic, 2), ("Qc", agent.cost_critic, 3)):
+        for kind in PAIR_KINDS:
+            obs, act = (torch.as_tensor(x, dtype=torch.float32, device=device) for x in pairs[kind][:2])
+            with warnings.catch_warnings(action="ignore"):  # constant input (no cost on any rollout): ρ is nan
+                rho = float(spearmanr(net(obs, act).min(0).values.cpu().numpy(), pairs[kind][mc]).statistic)
+            table[f"{critic}/{kind}"] = rho
+            writer.add_scalar(f"eval/spearman_{critic}_{kind}", rho, step)
     return table
 
 
-def report_spearman(before: dict, after: dict, pairs: dict, csv_path: str) -> None:
-    """Print the before/after table and write it as CSV (critic, pairs, before, after, nonzero_mc). `nonzero_mc`
-    counts the pairs whose MC target is not 0: a near-safe μ gives most pairs zero MC cost, and ρ then rests on
-    the few that are not (ties share one rank)."""
-    print(f"\nSpearman ρ(critic value, discounted MC return of μ){'before':>12}{'after':>10}{'MC ≠ 0':>10}")
-    lines = ["critic,pairs,before,after,nonzero_mc"]
-    for key in before:
-        critic, kind = key.split("/")
-        mc = pairs["ret" if critic == "Q" else "cost"][PAIR_KINDS.index(kind)]
-        nonzero = f"{int(np.count_nonzero(mc))}/{len(mc)}"
-        print(f"  {critic:3}{kind + ' pairs':47}{before[key]:>12.4f}{after[key]:>10.4f}{nonzero:>10}")
-        lines.append(f"{critic},{kind},{before[key]:.6f},{after[key]:.6f},{nonzero}")
-    with open(csv_path, "w") as f:  # beside the checkpoint, whose folder exists by now
-        f.write("\n".join(lines) + "\n")
+def check_args(args: Args) -> None:  # defaults filled in; check_common_args spelt out (vpa.py has no --hidden-sizes)
+    rules = [*((f, vars(args)[f] >= 1, ">= 1") for f in ("total_steps", "batch_size", "eval_every", "eval_episodes")),
+             *((f, vars(args)[f] > 0, "> 0") for f in ("critic_lr", "cost_critic_lr", "alpha_vpa", "reward_scale")),
+             ("cost_limit", args.cost_limit >= 0, ">= 0 (an episode's cost is a sum of costs >= 0)"),
+             ("gamma", 0 < args.gamma < 1, "in (0, 1)"), ("tau", 0 < args.tau <= 1, "in (0, 1]"),
+             ("mc_horizon", args.mc_horizon >= 0, ">= 0"),
+             ("alpha_c_vpa", 0 <= args.alpha_c_vpa < args.alpha_vpa, f"in [0, --alpha-vpa) = [0, {args.alpha_vpa})"),
+             *((f, not args.diagnostic or vars(args)[f] >= n, f">= {n} (or pass --no-diagnostic)")
+               for f, n in (("diagnostic_pairs", 2), ("pairs_per_episode", 1)))]
+    for flag, holds, must in rules:
+        if not holds:
+            refuse(flag, getattr(args, flag), must)
 
 
-# ----------------------------------------------------------------------------------------------------------
-def check_args(args: Args) -> None:
-    """Every rule on this file's flags, before any work: one line naming the first flag that breaks its rule."""
-    refuse_bad_flags(flag_rules(args, counts=("total_steps", "batch_size", "eval_every", "eval_episodes"),
-                                rates=("critic_lr", "cost_critic_lr", "alpha_vpa", "reward_scale")) + [
-        ("mc_horizon", args.mc_horizon, args.mc_horizon >= 0, ">= 0"),
-        ("alpha_c_vpa", args.alpha_c_vpa, args.alpha_c_vpa is None or args.alpha_c_vpa >= 0, ">= 0"),
-        ("diagnostic_pairs", args.diagnostic_pairs, not args.diagnostic or args.diagnostic_pairs >= 2,
-         ">= 2 (or pass --no-diagnostic)"),
-        ("pairs_per_episode", args.pairs_per_episode, not args.diagnostic or args.pairs_per_episode >= 1,
-         ">= 1 (or pass --no-diagnostic)")])
-
-
-def main(args: Args) -> dict:
-    check_args(args)
+def main(args: Args) -> None:
     if args.env_id not in ENV_DEFAULTS and None in (args.critic_lr, args.cost_critic_lr, args.alpha_vpa):
         raise InputError(f"--env-id {args.env_id}: no defaults; pass --critic-lr, --cost-critic-lr and --alpha-vpa")
-    _, critic_lr, cost_critic_lr, online_alpha, _ = ENV_DEFAULTS.get(args.env_id, (None,) * 5)
-    alpha = args.alpha_vpa if args.alpha_vpa is not None else 2 * online_alpha
-    args = replace(args, critic_lr=args.critic_lr or critic_lr, cost_critic_lr=args.cost_critic_lr or cost_critic_lr,
-                   alpha_vpa=alpha, alpha_c_vpa=args.alpha_c_vpa if args.alpha_c_vpa is not None else alpha / 2)
-    if not 0 <= args.alpha_c_vpa < args.alpha_vpa:
-        raise InputError(f"need 0 <= --alpha-c-vpa < --alpha-vpa (the paper's condition), got "
-                         f"{args.alpha_c_vpa} and {args.alpha_vpa}")
-    resume = None
-    if args.resume is not None:  # refused before any work unless it continues this very run
-        try:
-            resume = torch.load(args.resume, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise InputError(f"--resume {args.resume}: cannot read checkpoint ({type(e).__name__})") from None
-        if not isinstance(resume, dict) or "vpa_resume" not in resume:
-            raise InputError(f"--resume {args.resume}: not a resumable checkpoint (vpa.py writes *_resume.pt)")
-        was, state = resume["args"], resume["vpa_resume"]
-        changed = [f"--{k.replace('_', '-')} (was {was.get(k)})" for k, v in asdict(args).items()
-                   if k not in ("exp_name", "track", "wandb_project_name", "cuda", "save_path", "resume")
-                   and was.get(k) != (list(v) if isinstance(v, tuple) else v)]
-        if args.save_path and os.path.abspath(args.save_path) != state["save_path"]:
-            changed.append(f"--save-path (was {state['save_path']})")
-        if changed:
-            raise InputError(f"--resume {args.resume}: these flags differ from the interrupted run's: "
-                             f"{', '.join(changed)}")
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    save_path = args.save_path or (resume["vpa_resume"]["save_path"] if resume else
-                                   os.path.join("runs", run_name, "vpa.pt"))
-    run_dir = prepare_output_dir(save_path)
-    resume_path = save_path.removesuffix(".pt") + "_resume.pt"
+    defaults = ENV_DEFAULTS.get(args.env_id, {})
+    args = replace(args, **{k: defaults[k] for k in ("critic_lr", "cost_critic_lr") if getattr(args, k) is None})
+    alpha = 2 * defaults["alpha"] if args.alpha_vpa is None else args.alpha_vpa  # 2 × the env's online SAC α
+    args = replace(args, alpha_vpa=alpha, alpha_c_vpa=alpha / 2 if args.alpha_c_vpa is None else args.alpha_c_vpa)
+    check_args(args)
     random.seed(args.seed)
     np.random.seed(args.seed)  # also Bullet's reset noise
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
     env = make_env(args.env_id, args.seed)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    ckpt = load_checkpoint(args.init, args.env_id, obs_dim, act_dim, init_hidden_sizes(args.init))
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    save_path = args.save_path or os.path.join("runs", run_name, "vpa.pt")
+    run_dir = prepare_output_dir(save_path)
+    try:  # VPA keeps the networks the checkpoint declares (VPA.load is strict)
+        hidden_sizes = tuple(torch.load(args.init, map_location="cpu", weights_only=True)["hidden_sizes"])
+    except Exception:  # unreadable or foreign: load_checkpoint says so in one line
+        hidden_sizes = ()
+    ckpt = load_checkpoint(args.init, args.env_id, obs_dim, act_dim, hidden_sizes)
     if ckpt["reward_scale"] != args.reward_scale:
         raise InputError(f"{args.init}: reward_scale {ckpt['reward_scale']} != --reward-scale {args.reward_scale}")
-    hidden_sizes = tuple(ckpt["hidden_sizes"])
-    agent = VPA(obs_dim, act_dim, hidden_sizes, args).to(device)
-    agent.load(ckpt, args.init)
     path = find_dataset(args.env_id, env.unwrapped.dataset_url, args.dataset_path)
     data = {k: torch.as_tensor(v, device=device) for k, v in load_dataset(path, obs_dim, act_dim).items()}
     data["rewards"] = data["rewards"] * args.reward_scale
-    num_transitions = len(data["observations"])
-    print(f"{args.env_id}: {num_transitions} transitions from {path}; aligning {args.init} ({ckpt['algo']}, "
-          f"hidden {hidden_sizes}) with α={args.alpha_vpa}, α_c={args.alpha_c_vpa}, lrs {args.critic_lr}/"
-          f"{args.cost_critic_lr} on {device}")
-
     if args.track:
         import wandb
         wandb.init(project=args.wandb_project_name, sync_tensorboard=True, config=vars(args), name=run_name)
     writer = SummaryWriter(run_dir)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-
-    pairs = before = after = None  # the Spearman diagnostic's pairs and its tables before VPA and at the last check
-
-    def log_spearman(step: int) -> dict:
-        table = spearman_table(agent, pairs, device)
-        for key, rho in table.items():
-            writer.add_scalar(f"eval/spearman_{key.replace('/', '_')}", rho, step)
-        return table
-
-    start = time.time()
-    if args.diagnostic:  # own RNG stream: the VPA run is the same with or without the diagnostic
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            pairs = collect_pairs(make_env(args.env_id, args.seed + 1), agent.actor, args, device)
-        before = log_spearman(0)
-        print(f"diagnostic: {args.diagnostic_pairs} states × {PAIR_KINDS}, horizon {args.mc_horizon}, "
-              f"{time.time() - start:.0f}s; before VPA: " + ", ".join(f"{k} {v:.3f}" for k, v in before.items()))
-
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    first_step = 1
-    if resume is not None:  # the critics, optimizer and random states of the step the run stopped after
-        state = resume["vpa_resume"]
-        if state["device"] != device.type:  # RNG states do not carry over between devices
-            raise InputError(f"--resume {args.resume}: ran on {state['device']}, not {device.type}")
-        for name in ("critic", "critic_target", "cost_critic", "cost_critic_target"):
-            getattr(agent, name).load_state_dict(resume[name])
-        agent.critics_opt.load_state_dict(state["critics_opt"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])  # Bullet's reset noise
-        torch.set_rng_state(state["rng"]["torch"])
-        generator.set_state(state["rng"]["sampler"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        before, after, first_step = state["before"], state["after"], resume["step"] + 1
-
-    def save_resume(step: int) -> None:
-        """Everything that carries over from `step` to the next: --resume continues bit for bit from here."""
-        numpy_state = np.random.get_state()
-        rng = {"python": random.getstate(), "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
-               "torch": torch.get_rng_state(), "sampler": generator.get_state(),
-               "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
-        save_checkpoint(resume_path, {
-            "step": step, "args": asdict(args), **{name: getattr(agent, name).state_dict() for name in (
-                "critic", "critic_target", "cost_critic", "cost_critic_target")},
-            "vpa_resume": {"save_path": os.path.abspath(save_path), "device": device.type, "rng": rng,
-                           "critics_opt": agent.critics_opt.state_dict(), "before": before,
-                           "after": after}})
-
-    # Ctrl-C stops the run at the end of the current step, where its state is whole, and keeps it for --resume
-    stop = []
-    default_sigint = signal.signal(signal.SIGINT, lambda signum, frame: stop.append(signum))
-    start = time.time()
-    progress = tqdm(range(first_step, args.total_steps + 1), desc="vpa", initial=first_step - 1,
-                    total=args.total_steps, dynamic_ncols=True)
-    for step in progress:
-        idx = torch.randint(num_transitions, (args.batch_size,), device=device, generator=generator)
-        info = agent.update({k: v[idx] for k, v in data.items()})
-        if step % 100 == 0 or step == args.total_steps:  # one host sync per 100 steps
-            values = torch.stack(list(info.values())).tolist()
-            for tag, value in zip(info, values):
-                writer.add_scalar(tag, value, step)
-            writer.add_scalar("charts/SPS", step / (time.time() - start), step)
-            progress.set_postfix(critic=f"{values[0]:.3g}", cost_critic=f"{values[1]:.3g}")
-        if pairs is not None and (step % args.eval_every == 0 or step == args.total_steps):
-            after = log_spearman(step)
-        if step % args.eval_every == 0 and step < args.total_steps:
-            save_resume(step)  # a killed run loses at most --eval-every steps
-        if stop:
-            save_resume(step)
-            progress.close()
-            writer.close()
-            signal.signal(signal.SIGINT, default_sigint)
-            raise KeyboardInterrupt(f"interrupted at step {step}: resumable checkpoint {resume_path}; continue "
-                                    f"with --resume {resume_path}")
-    signal.signal(signal.SIGINT, default_sigint)
-    sps = (args.total_steps - first_step + 1) / (time.time() - start)
-    if os.path.exists(resume_path):
-        os.remove(resume_path)  # the run is complete: nothing left to resume
-
-    result = evaluate(agent.actor, env, args.eval_episodes, args.cost_limit, device)  # μ is unchanged
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|" + "".join(f"\n|{k}|{v}|" for k, v in vars(args).items()))
+    agent = VPA(obs_dim, act_dim, hidden_sizes, args).to(device)
+    agent.load(ckpt, args.init)
+    print(f"{args.env_id}: {len(data['rewards'])} transitions from {path}; α={args.alpha_vpa}, α_c={args.alpha_c_vpa}, "
+          f"lrs {args.critic_lr}/{args.cost_critic_lr} on {device}")
+    try:
+        if args.diagnostic:  # its own torch RNG stream: the VPA updates are the same with or without it
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                pairs = collect_pairs(make_env(args.env_id, args.seed + 1), agent.actor, args, device)
+            before = after = spearman_table(agent, pairs, device, writer, 0)
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        start = time.time()
+        for step in tqdm(range(1, args.total_steps + 1), desc="vpa"):
+            idx = torch.randint(len(data["rewards"]), (args.batch_size,), device=device, generator=generator)
+            info = agent.update({k: v[idx] for k, v in data.items()})
+            if step % 100 == 0 or step == args.total_steps:  # one host sync per 100 steps
+                for tag, value in zip(info, torch.stack(list(info.values())).tolist()):
+                    writer.add_scalar(tag, value, step)
+                writer.add_scalar("charts/SPS", step / (time.time() - start), step)
+            if args.diagnostic and (step % args.eval_every == 0 or step == args.total_steps):
+                after = spearman_table(agent, pairs, device, writer, step)
+        result = evaluate(agent.actor, env, args.eval_episodes, args.cost_limit, device)  # μ is unchanged
+    except KeyboardInterrupt:
+        print(f"vpa.py: interrupted; nothing saved ({args.init} is untouched): run the command again", file=sys.stderr)
+        sys.exit(130)
     for k, v in result.items():
         writer.add_scalar(f"eval/{k}", v, args.total_steps)
     writer.close()
-    summary = {key: {"before": before[key], "after": after[key]} for key in before} if pairs is not None else None
     out = {k: v for k, v in ckpt.items() if k not in ("format", "optimizers")}  # offline optimizer state is stale
-    out.update({"algo": f"{ckpt['algo']}+vpa", "cost_limit": args.cost_limit, "step": args.total_steps,
-                "critic": agent.critic.state_dict(), "critic_target": agent.critic_target.state_dict(),
-                "cost_critic": agent.cost_critic.state_dict(),
-                "cost_critic_target": agent.cost_critic_target.state_dict(), "lagrange": None, "args": asdict(args),
-                "init": {"path": args.init, "algo": ckpt["algo"], "step": ckpt["step"], "eval": ckpt.get("eval"),
-                         "args": ckpt.get("args")},
-                "eval": {**result, "step": args.total_steps}, "spearman": summary})
+    out.update({**{k: m.state_dict() for k, m in agent.named_children() if k != "actor"},  # the aligned critics
+                "algo": f"{ckpt['algo']}+vpa", "cost_limit": args.cost_limit, "step": args.total_steps,
+                "lagrange": None, "args": asdict(args), "eval": {**result, "step": args.total_steps},
+                "init": {k: ckpt.get(k) for k in ("algo", "step", "eval", "args")} | {"path": args.init},
+                "spearman": {k: {"before": before[k], "after": after[k]} for k in before} if args.diagnostic else None})
     save_checkpoint(save_path, out)
-    if pairs is not None:
-        report_spearman(before, after, pairs, save_path.removesuffix(".pt") + "_spearman.csv")
-    print(f"\nμ ({ckpt['algo']}, unchanged): return {result['return']:.1f}, cost {result['cost']:.1f}, normalised "
-          f"{result['normalized_return']:.3f} / {result['normalized_cost']:.3f}")
-    print(f"VPA: {args.total_steps} steps at {sps:.0f} steps/s; checkpoint: {save_path}")
-    return {"eval": result, "spearman": summary, "sps": sps}
+    if args.diagnostic:  # nonzero_mc: a near-safe μ gives most pairs zero MC cost, and ρ(Qc) rests on the few others
+        nonzero = [f"{np.count_nonzero(pairs[kind][i])}/{len(pairs[kind][i])}" for i in (2, 3) for kind in PAIR_KINDS]
+        table = ["critic,pairs,before,after,nonzero_mc"] + [f"{k.replace('/', ',')},{before[k]:.6f},{after[k]:.6f},{n}"
+                                                           for k, n in zip(before, nonzero)]  # Q/…, then Qc/…
+        with open(save_path.removesuffix(".pt") + "_spearman.csv", "w") as f:
+            f.write("\n".join(table) + "\n")
+        print("\nSpearman ρ(critic value, discounted MC return of μ) before and after VPA:", *table, sep="\n")
+    print(f"μ ({ckpt['algo']}, unchanged): return {result['return']:.1f}, cost {result['cost']:.1f} (normalised "
+          f"{result['normalized_return']:.3f}, {result['normalized_cost']:.3f}); checkpoint: {save_path}")
 
 
 if __name__ == "__main__":
@@ -722,6 +498,3 @@ if __name__ == "__main__":
         main(tyro.cli(Args))
     except InputError as e:
         sys.exit(f"vpa.py: error: {e}")
-    except KeyboardInterrupt as e:  # Ctrl-C: main says what it saved; before training there is nothing to save
-        print(f"vpa.py: {str(e) or 'interrupted before training started: nothing was saved'}", file=sys.stderr)
-        sys.exit(130)

@@ -1,7 +1,11 @@
-"""VPA: targets against a hand computation, frozen actor, input refusals, the diagnostic's save/restore, CLI smoke."""
+"""VPA: targets against a hand computation, frozen actor, input refusals, the diagnostic's save/restore, CLI smoke,
+Ctrl-C."""
+import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -111,6 +115,24 @@ def test_cli_refuses_alpha_c_not_below_alpha(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "--alpha-c-vpa" in proc.stderr
 
 
+@pytest.mark.parametrize("flags, message", [
+    ({"mc_horizon": -1}, "--mc-horizon -1: must be >= 0"),
+    ({"diagnostic_pairs": 1}, "--diagnostic-pairs 1: must be >= 2 (or pass --no-diagnostic)"),
+    ({"pairs_per_episode": 0}, "--pairs-per-episode 0: must be >= 1 (or pass --no-diagnostic)"),
+    ({"critic_lr": 0.0}, "--critic-lr 0.0: must be > 0"),  # 0 is refused, not replaced by the env's default
+    ({"alpha_c_vpa": -0.001}, "--alpha-c-vpa -0.001: must be in [0, --alpha-vpa) = [0, 0.01)"),
+    ({"env_id": "OfflineNoSuchTask-v0"}, "no defaults; pass --critic-lr, --cost-critic-lr and --alpha-vpa")])
+def test_bad_flags_are_refused_before_any_work(tmp_path, flags, message):
+    with pytest.raises(vpa.InputError) as error:
+        vpa.main(vpa.Args(init=str(tmp_path / "missing.pt"), save_path=str(tmp_path / "out" / "vpa.pt"), **flags))
+    assert str(error.value).endswith(message) and not os.listdir(tmp_path)
+
+
+def test_diagnostic_flags_are_free_without_the_diagnostic():
+    vpa.check_args(vpa.Args(init="x.pt", diagnostic=False, diagnostic_pairs=0, pairs_per_episode=0, critic_lr=5e-3,
+                            cost_critic_lr=8e-3, alpha_vpa=0.01, alpha_c_vpa=0.005))
+
+
 @pytest.mark.parametrize("kind", ["env", "dims", "reward_scale"])
 def test_refuses_mismatched_checkpoint(tmp_path, dataset_file, capsys, kind):
     path = tiny_checkpoint(tmp_path / "c.pt", **{"env": {"env_id": "OfflineBallRun-v0"}, "dims": {"obs_dim": 8},
@@ -173,3 +195,23 @@ def test_cli_smoke(dataset_file, tmp_path):
     assert lines[0] == "critic,pairs,before,after,nonzero_mc" and len(lines) == 5
     assert all(line.split(",")[-1].endswith("/4") for line in lines[1:])  # counts over the 4 diagnostic pairs
     assert not os.path.exists(str(save) + ".tmp") and list((tmp_path / "out").glob("events.out.tfevents.*"))
+
+
+def test_ctrl_c_saves_nothing_and_says_so(dataset_file, tmp_path):
+    """Ctrl-C in the TD steps: exit 130, one line saying nothing was saved, the input checkpoint untouched."""
+    init, save = tiny_checkpoint(tmp_path / "init.pt"), tmp_path / "out" / "vpa.pt"
+    digest = hashlib.sha256(open(init, "rb").read()).hexdigest()
+    proc = subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "vpa.py"), "--no-cuda", "--init", init,
+                             "--dataset-path", dataset_file, "--total-steps", "10000000", "--no-diagnostic",
+                             "--save-path", str(save)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    for line in proc.stdout:  # the line printed just before the TD steps start
+        if "transitions from" in line:
+            break
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == (f"vpa.py: interrupted; nothing saved ({init} is untouched): run the "
+                                            f"command again")
+    assert not save.exists() and hashlib.sha256(open(init, "rb").read()).hexdigest() == digest
