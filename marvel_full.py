@@ -861,12 +861,13 @@ class SACLag(nn.Module):
 
 def check_online_args(args) -> None:
     """The online phase's flags (sac_lag_apid.py and stage 3 of marvel_full.py), per-env defaults filled in."""
-    counts = ("online_episodes", "episodes_per_iter", "updates_per_iter", "batch_size", "eval_every", "pid_delay")
+    counts = ("online_episodes", "episodes_per_iter", "batch_size", "eval_every", "pid_delay")
     rates = ("actor_lr", "critic_lr", "cost_critic_lr", "alpha", "alpha_lr", "dual_lr", "reward_scale")
     for flag, holds, must in [*((f, getattr(args, f) >= 1, ">= 1") for f in counts),
                               *((f, getattr(args, f) > 0, "> 0") for f in rates),
                               *((f, getattr(args, f) >= 0, ">= 0") for f in ("bc_weight", "lagrangian_init", "kp",
                                                                             "ki", "kd")),
+                              ("updates_per_iter", args.updates_per_iter >= 0, ">= 0"),
                               ("offline_ratio", 0 <= args.offline_ratio < 1, "in [0, 1)"),
                               ("cost_margin", 0 <= args.cost_margin < 1, "in [0, 1)"),
                               ("rollback_tightening", 0 < args.rollback_tightening <= 1, "in (0, 1]"),
@@ -891,18 +892,21 @@ def online_defaults(args):
 # the progress CSV: one row per iteration, and one per evaluation (learner_*: the learner's, when gated)
 PROGRESS_FIELDS = ("episodes", "env_steps", "return", "cost", "lambda", "kp", "ki", "kd", "violations",
                    "cumulative_cost", "eval_return", "eval_cost", "eval_normalized_return", "eval_normalized_cost",
-                   "deployments", "learner_eval_return", "learner_eval_cost")
+                   "deployments", "learner_eval_return", "learner_eval_cost", "learner_eval_violations")
 
 
 class OnlineStage:
     """The online phase as state and a loop body, shared verbatim by sac_lag_apid.py's main and marvel_full.py's
     stage 3: the learner, the λ controller, the gate, the replay buffer and the progress CSV. `iteration()` collects
-    episodes, updates λ once and takes the SAC-Lag steps; `finish()` evaluates and saves the policy."""
+    episodes, updates λ once and takes the SAC-Lag steps; `finish()` evaluates and saves the policy.
+    Accounting: `violations` counts every online episode over d, the learner's test episodes included; with
+    `learner_eval` the learner's evaluation episodes (a diagnostic: a policy that is not deployed, run in the real
+    env) are counted apart in `learner_eval_violations` of `learner_eval_episodes`."""
 
     def __init__(self, args, agent: SACLag, envs: list, eval_env: gym.Env, offline: Optional[dict],
-                 writer: SummaryWriter, csv_path: str, gate_max_wait: int, device: torch.device):
+                 writer: SummaryWriter, csv_path: str, gate_max_wait: int, learner_eval: bool, device: torch.device):
         self.args, self.agent, self.envs, self.eval_env, self.offline = args, agent, envs, eval_env, offline
-        self.writer, self.csv_path, self.device = writer, csv_path, device
+        self.writer, self.csv_path, self.learner_eval, self.device = writer, csv_path, learner_eval, device
         self.obs_dim, self.act_dim = eval_env.observation_space.shape[0], eval_env.action_space.shape[0]
         self.lagrangian = make_lagrangian(args)
         self.replay = ReplayBuffer(args.online_episodes * eval_env.spec.max_episode_steps, self.obs_dim,
@@ -918,21 +922,26 @@ class OnlineStage:
         self.deployed = self.gate.deployed if self.gate else agent.actor
         self.env_steps = self.episodes = self.violations = self.evaluated_at = 0
         self.cumulative_cost = self.held_test_cost = 0.0
+        self.learner_eval_episodes = self.learner_eval_violations = 0
         self.first_eval = self.last_eval = self.evaluate()
         self.lam = self.lagrangian.lam  # aPID/PID start at 0 (the offline λ is on another scale)
 
     def evaluate(self) -> dict:
-        """The deployed policy (and, gated, the learner, for the record) in the evaluation env."""
+        """The deployed policy (and, with learner_eval, the gated learner) in the evaluation env."""
         args, gate = self.args, self.gate
         result = evaluate(self.deployed, self.eval_env, args.eval_episodes, args.cost_limit, self.device)
-        row = {"episodes": self.episodes, "env_steps": self.env_steps,
+        row = {"episodes": self.episodes, "env_steps": self.env_steps, "deployments": gate.deployments if gate else "",
                **{f"eval_{k}": f"{v:.4f}" for k, v in result.items()}}
-        if gate:
-            learner = evaluate(self.agent.actor, self.eval_env, args.eval_episodes, args.cost_limit, self.device)
-            row.update(deployments=gate.deployments, learner_eval_return=f"{learner['return']:.4f}",
-                       learner_eval_cost=f"{learner['cost']:.4f}")
-            self.writer.add_scalar("eval/learner_return", learner["return"], self.env_steps)
-            self.writer.add_scalar("eval/learner_cost", learner["cost"], self.env_steps)
+        if gate and self.learner_eval:  # one episode at a time, to count the learner's violations
+            learner = [evaluate(self.agent.actor, self.eval_env, 1, args.cost_limit, self.device)
+                       for _ in range(args.eval_episodes)]
+            self.learner_eval_episodes += len(learner)
+            self.learner_eval_violations += sum(episode["cost"] > args.cost_limit for episode in learner)
+            row.update(learner_eval_return=f"{np.mean([e['return'] for e in learner]):.4f}",
+                       learner_eval_cost=f"{np.mean([e['cost'] for e in learner]):.4f}",
+                       learner_eval_violations=self.learner_eval_violations)
+            for key in ("return", "cost"):
+                self.writer.add_scalar(f"eval/learner_{key}", np.mean([e[key] for e in learner]), self.env_steps)
         for k, v in result.items():
             self.writer.add_scalar(f"eval/{k}", v, self.env_steps)
         self.csv.writerow(row)
@@ -980,6 +989,7 @@ class OnlineStage:
             self.held_test_cost = test_cost if testing else self.held_test_cost
             self.lam = self.lagrangian.update(self.held_test_cost)
 
+        info = {}
         for _ in range(args.updates_per_iter):
             info = agent.update(*self.minibatch(), lam=self.lam, anchor=self.deployed if gate else None)
         gains = {k: getattr(self.lagrangian, k, float("nan")) for k in ("kp", "ki", "kd")}
@@ -987,7 +997,7 @@ class OnlineStage:
                    "lagrange/lambda": self.lam, **{f"lagrange/{k}": g for k, g in gains.items()},
                    "charts/bc_weight": agent.anchor_weight, "charts/online_violations": self.violations,
                    "charts/cumulative_cost": self.cumulative_cost}
-        for tag, value in [*zip(info, torch.stack(list(info.values())).tolist()), *scalars.items()]:
+        for tag, value in [*zip(info, torch.stack(list(info.values())).tolist() if info else []), *scalars.items()]:
             self.writer.add_scalar(tag, value, self.env_steps)  # one host sync per iteration
         self.csv.writerow({"episodes": self.episodes, "env_steps": self.env_steps, "return": f"{returns.mean():.4f}",
                            "cost": f"{costs.mean():.4f}", "lambda": f"{self.lam:.6f}",
@@ -1015,7 +1025,9 @@ class OnlineStage:
         save_checkpoint(save_path, {**ckpt, "eval": self.last_eval})
         return {"start": self.first_eval, "final": self.last_eval, "online_violations": self.violations,
                 "cumulative_cost": self.cumulative_cost, "episodes": self.episodes, "lambda": self.lam,
-                "interrupted": interrupted, "checkpoint": save_path}
+                "learner_eval_episodes": self.learner_eval_episodes,
+                "learner_eval_violations": self.learner_eval_violations, "interrupted": interrupted,
+                "checkpoint": save_path}
 
 
 def check_args(args: Args) -> None:
@@ -1169,7 +1181,8 @@ def main(args: Args) -> dict:
                 if init is not None:
                     agent.load(init)
                 online = OnlineStage(args, agent, envs, eval_env, data if args.offline_ratio > 0 else None, writer,
-                                     paths["sac_lag"].removesuffix(".pt") + "_progress.csv", GATE_MAX_WAIT, device)
+                                     paths["sac_lag"].removesuffix(".pt") + "_progress.csv", GATE_MAX_WAIT,
+                                     learner_eval=False, device=device)  # the learner diagnostic: sac_lag_apid.py
                 stage = "online"
             progress.set_postfix(online.iteration())  # ---- stage 3: one online iteration
     except KeyboardInterrupt:

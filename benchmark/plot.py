@@ -3,10 +3,10 @@
     python benchmark/plot.py benchmark/results/carrun_grid --cost-limit 20
 
 Writes into the folder:
-  curves.png   mean ± std over seeds of the training-episode return and cost (iteration means, smoothed over
+  curves.png   mean ± sample std over seeds of the training-episode return and cost (iteration means, smoothed over
                `--smooth` iterations) against online episodes, one line per method, the cost limit drawn
                (the paper's Figures 3 and 5); one row of panels per `--groups` entry (default: 4 methods a row);
-  table.md     per method, mean ± std over seeds of: offline → after VPA → final deterministic evaluation
+  table.md     per method, mean ± sample std [95 % t-interval of the mean] over seeds of: offline → after VPA → final deterministic evaluation
                (return, cost, normalised return, normalised cost), online violations (training episodes over the
                limit) and cumulative online cost, and the seeds it has.
 """
@@ -22,6 +22,7 @@ from typing import List, Optional
 
 import matplotlib
 import numpy as np
+import scipy.stats
 import tyro
 
 matplotlib.use("Agg")
@@ -35,7 +36,7 @@ LABELS = {"recommended": "Recommended (defaults: gated, growing anchor, target h
           "marvel": "Marvel (VPA + aPID)", "warm_start": "Warm Start (SAC-Lag, dual)", "apid_only": "aPID only",
           "vpa_only": "VPA only (dual)", "vpa_pid": "VPA + PID", "scratch": "From Scratch (paper schedule)",
           "scratch_standard": "From Scratch (1 update/step)", "famo2o_offline15k": "FamO2O-Lag (15k offline steps)",
-          "famo2o": "FamO2O-Lag"}
+          "famo2o": "FamO2O-Lag", "offline": "Offline policy, deployed unchanged"}
 
 
 @dataclass
@@ -85,7 +86,7 @@ def curves(runs: dict, groups: List[List[str]], args: Args, path: str) -> None:
             episodes = np.array([int(r["episodes"]) for r in seeds[0][0][:n]])
             for ax, key in ((ax_ret, "return"), (ax_cost, "cost")):
                 ys = np.stack([smooth(np.array([float(r[key]) for r in rows[:n]]), args.smooth) for rows, _ in seeds])
-                mean, std = ys.mean(0), ys.std(0)
+                mean, std = ys.mean(0), ys.std(0, ddof=1) if len(ys) > 1 else np.zeros(ys.shape[1])
                 ax.plot(episodes, mean, color=colors[method],
                         label=f"{LABELS.get(method, method)} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
                 low = mean - std if key == "return" else np.maximum(mean - std, 0.0)  # a cost is never below 0
@@ -98,17 +99,20 @@ def curves(runs: dict, groups: List[List[str]], args: Args, path: str) -> None:
             ax.set_xlabel("online episodes")
             ax.grid(alpha=0.3)
         ax_cost.legend(fontsize=7, loc="upper right")
-    fig.suptitle(args.title or f"{os.path.basename(os.path.normpath(args.folder))}: mean ± std over seeds, "
+    fig.suptitle(args.title or f"{os.path.basename(os.path.normpath(args.folder))}: mean ± sample std over seeds, "
                                 f"{args.smooth}-iteration moving average")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def mean_std(values: List[float], digits: int) -> str:
+    """mean ± sample standard deviation (ddof 1) [95 % Student-t interval of the mean] over seeds."""
     values = [v for v in values if v is not None]
-    if not values:
-        return "—"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}" if len(values) > 1 else f"{values[0]:.{digits}f}"
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}" if values else "—"
+    mean, std = float(np.mean(values)), float(np.std(values, ddof=1))
+    half = float(scipy.stats.t.ppf(0.975, len(values) - 1)) * std / math.sqrt(len(values))
+    return f"{mean:.{digits}f} ± {std:.{digits}f} [{mean - half:.{digits}f}, {mean + half:.{digits}f}]"
 
 
 def table(runs: dict, methods: List[str]) -> str:

@@ -55,6 +55,9 @@ PAPER = ["--deploy", "learner", "--cost-margin", "0", "--rollback-tightening", "
 # the paper (its Figures 3 and 5) follow.
 METHODS = {
     "recommended": ("vpa", []),                                       # sac_lag_apid.py's defaults
+    # the trivial baseline: the offline policy runs the whole online budget, unchanged (no update)
+    "offline": ("offline", ["--deploy", "learner", "--cost-signal", "episodes", "--updates-per-iter", "0",
+                            "--offline-ratio", "0"]),
     "marvel": ("vpa", PAPER),                                         # VPA + aPID
     "warm_start": ("offline", PAPER + ["--lagrangian", "dual"]),      # plain SAC-Lag from the offline checkpoint
     "apid_only": ("offline", PAPER),                                  # aPID, no VPA
@@ -211,7 +214,10 @@ def final_row(csv_path: str) -> dict:
             "normalized_return": float(last_eval["eval_normalized_return"]),
             "normalized_cost": float(last_eval["eval_normalized_cost"]),
             "online_violations": int(last_train["violations"]), "cumulative_cost": float(last_train["cumulative_cost"]),
-            "episodes": int(last_train["episodes"]), "lambda": float(last_train["lambda"])}
+            "episodes": int(last_train["episodes"]), "lambda": float(last_train["lambda"]),
+            # the learner's evaluation episodes (sac_lag_apid.py --learner-eval), counted apart; None when off
+            "learner_eval_violations": next((int(r["learner_eval_violations"]) for r in reversed(rows)
+                                             if r.get("learner_eval_violations")), None)}
 
 
 # ---- the three stages; each runs as one Ray task (1 CPU) and returns what the next one needs ----

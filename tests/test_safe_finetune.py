@@ -272,7 +272,7 @@ def cli(*flags, cwd):
 @pytest.mark.parametrize("signal", ["episodes", "tests"])
 def test_cli_gated_run_keeps_the_deployed_actor(tmp_path, dataset_file, signal):
     proc = cli("--deploy", "gated", "--bc-weight", "0.4", "--cost-signal", signal, "--offline-ratio", "0.5",
-               "--dataset-path", dataset_file, "--save-path", str(tmp_path / "s.pt"), cwd=tmp_path)
+               "--learner-eval", "--dataset-path", dataset_file, "--save-path", str(tmp_path / "s.pt"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "gate:" in proc.stdout
     ckpt = torch.load(tmp_path / "s.pt", weights_only=True)
@@ -280,7 +280,8 @@ def test_cli_gated_run_keeps_the_deployed_actor(tmp_path, dataset_file, signal):
     import csv
     rows = list(csv.DictReader(open(tmp_path / "s_progress.csv")))
     evals = [r for r in rows if r["eval_return"]]
-    assert len(evals) == 3 and all(r["learner_eval_return"] for r in evals)
+    assert len(evals) == 3 and all(r["learner_eval_return"] for r in evals)  # --learner-eval: at every evaluation
+    assert "learner evaluation (diagnostic): 3 episodes" in proc.stdout
     assert int(rows[-1]["deployments"]) == ckpt["gate"]["deployments"]
     # the actor in the checkpoint is the deployed one: the learner differs after 12 updates unless just deployed
     if ckpt["gate"]["deployments"] == 0:
