@@ -132,6 +132,7 @@ def make_env(env_id: str, seed: int) -> gym.Env:
     except gym.error.Error as e:
         raise InputError(f"--env-id {env_id}: {e}") from None
     env.action_space.seed(seed)  # Bullet ignores reset(seed=...); its reset noise comes from np.random
+    env.unwrapped.np_random = gym.utils.seeding.np_random(seed)[0]  # MuJoCo's reset noise; no reset, no np.random
     return env
 
 

@@ -77,6 +77,12 @@ ENV_DEFAULTS = {
     "OfflineDroneRun-v0": dict(actor_lr=2e-6, critic_lr=8e-3, cost_critic_lr=5e-3, alpha=1e-3, online_episodes=5000),
     "OfflineAntCircle-v0": dict(actor_lr=5e-5, critic_lr=5e-4, cost_critic_lr=8e-4, alpha=5e-5, online_episodes=5000),
     "OfflineAntRun-v0": dict(actor_lr=5e-5, critic_lr=2e-3, cost_critic_lr=5e-3, alpha=1e-4, online_episodes=5000),
+    "OfflineHalfCheetahVelocityGymnasium-v1": dict(actor_lr=1e-3, critic_lr=1e-2, cost_critic_lr=1e-2, alpha=5e-3,
+                                                   online_episodes=5000),
+    "OfflineHopperVelocityGymnasium-v1": dict(actor_lr=1e-3, critic_lr=1e-2, cost_critic_lr=1e-2, alpha=5e-3,
+                                              online_episodes=5000),
+    "OfflineSwimmerVelocityGymnasium-v1": dict(actor_lr=1e-5, critic_lr=5e-4, cost_critic_lr=8e-4, alpha=1e-4,
+                                               online_episodes=2000),
 }
 
 
@@ -137,6 +143,7 @@ def make_env(env_id: str, seed: int) -> gym.Env:
     except gym.error.Error as e:
         raise InputError(f"--env-id {env_id}: {e}") from None
     env.action_space.seed(seed)  # Bullet ignores reset(seed=...); its reset noise comes from np.random
+    env.unwrapped.np_random = gym.utils.seeding.np_random(seed)[0]  # MuJoCo's reset noise; no reset, no np.random
     return env
 
 
