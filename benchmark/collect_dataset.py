@@ -3,6 +3,7 @@
     python benchmark/collect_dataset.py --env-id OfflineCarRun-v0                      # scripted controllers
     python benchmark/collect_dataset.py --env-id OfflineBallCircle-v0 --num-trajectories 800
     python benchmark/collect_dataset.py --env-id OfflineDroneRun-v0                    # trains behaviour agents first
+    python benchmark/collect_dataset.py --env-id OfflineHopperVelocityGymnasium-v1     # the same; velocity extra
     python benchmark/collect_dataset.py --env-id OfflineBallRun-v0 --checkpoints a.pt b.pt   # saved actors
 
 Behaviour policies:
@@ -13,9 +14,9 @@ Behaviour policies:
     frame (a velocity controller), the car's a throttle and a steering command.
   * scripted (CarCircle, BallCircle): clockwise running round an ellipse, a narrow one inside the |x| ≤ 6 bounds
     with bursts on a wide one beyond them, at a speed drawn per episode.
-  * trained agents (any task; the default where no controller is written): DSRL's recipe. SAC-Lag agents are
-    trained online from scratch at several cost limits by this project's sac_lag_apid.py, kept in --agents-dir
-    (a later call reuses them), and rolled out with action noise.
+  * trained agents (any task; the default where no controller is written, e.g. Drone, Ant and the Safety-Gymnasium
+    velocity tasks): DSRL's recipe. SAC-Lag agents are trained online from scratch at several cost limits by this
+    project's sac_lag_apid.py, kept in --agents-dir (a later call reuses them), and rolled out with action noise.
   * checkpoints (any task): actors saved by this project's files (format "o2o-safe-rl/1"), each episode with its
     own Gaussian action-noise scale.
 Then the kept trajectories are picked round-robin from a (cost × return) grid so they cover the plane evenly
@@ -77,7 +78,7 @@ class Args:
     ("at least this share of the kept trajectories has episode cost <= --reference-limit, and at least this share "
      "has more, where the collected episodes allow (0: one grid over the whole plane, as for the bundled Run files)")
     reference_limit: float = 20.0
-    """the cost limit the data is meant for (DSRL's benchmark limits are 10, 20 and 40)"""
+    """the cost limit the data is meant for (DSRL's benchmark limits: 10, 20, 40; velocity tasks 20, 40, 80)"""
     agent_cost_limits: Optional[Tuple[float, ...]] = None
     ("cost limits of the behaviour agents trained when a task has no scripted controller and no --checkpoints are "
      "given (default: 0.1, 0.25, 0.5 and 1 × the task's DSRL max episode cost)")
@@ -273,6 +274,7 @@ def collect_episode(task: Tuple[int, int]) -> dict:
     env, actors = _worker["env"], _worker["actors"]
     rng = np.random.default_rng([seed, index])
     np.random.seed((seed * 1_000_000 + index) % 2**32)  # Bullet's reset noise comes from the global np.random
+    env.unwrapped.np_random = gym.utils.seeding.np_random(seed * 1_000_000 + index)[0]  # MuJoCo's, from the env's
     torch.manual_seed(seed * 1_000_000 + index)  # a checkpoint actor's sampling: the same data for any --workers
     horizon = env.spec.max_episode_steps
     if actors:
@@ -444,6 +446,11 @@ def git_commit() -> str:
         return "unknown"
 
 
+def benchmark_limits(env_id: str) -> Tuple[float, ...]:
+    """DSRL's benchmark cost limits: 10, 20 and 40 for the Bullet tasks, 20, 40 and 80 for the velocity ones."""
+    return (20.0, 40.0, 80.0) if "Velocity" in env_id else (10.0, 20.0, 40.0)
+
+
 def scatter_plot(path: str, env_id: str, costs, returns, kept):
     import matplotlib
     matplotlib.use("Agg")
@@ -452,8 +459,8 @@ def scatter_plot(path: str, env_id: str, costs, returns, kept):
     dropped = np.setdiff1d(np.arange(len(costs)), kept)
     ax.scatter(costs[dropped], returns[dropped], s=6, c="lightgray", label=f"collected, dropped ({len(dropped)})")
     ax.scatter(costs[kept], returns[kept], s=8, c="tab:blue", label=f"kept ({len(kept)})")
-    for limit, style in ((10, ":"), (20, "--"), (40, "-.")):
-        ax.axvline(limit, color="tab:red", linestyle=style, linewidth=1, label=f"cost limit {limit}")
+    for limit, style in zip(benchmark_limits(env_id), (":", "--", "-.")):
+        ax.axvline(limit, color="tab:red", linestyle=style, linewidth=1, label=f"cost limit {limit:g}")
     ax.set_xlabel("episode cost")
     ax.set_ylabel("episode return")
     ax.set_title(f"{env_id}: per-trajectory cost and return")
