@@ -1,19 +1,21 @@
 """Marvel (Chen, Wei, Deng, Lin, arXiv 2412.04426): safe offline-to-online RL in one file and one command.
 
-    python marvel_full.py --env-id OfflineCarRun-v0                            # CPQ → VPA → safe finetuning
-    python marvel_full.py --env-id OfflineCarRun-v0 --paper                    # Marvel as published (VPA + aPID)
+    python marvel_full.py --env-id OfflineCarRun-v0                            # Safe IQL → VPA → safe finetuning
+    python marvel_full.py --env-id OfflineCarRun-v0 --paper                    # Marvel as published: CPQ → VPA → aPID
     python marvel_full.py --env-id OfflineCarRun-v0 --paper --no-vpa           # aPID only (+ --lagrangian dual: Warm Start)
     python marvel_full.py --env-id OfflineCarRun-v0 --paper --lagrangian dual  # VPA-only (dual-ascent λ)
     python marvel_full.py --env-id OfflineCarRun-v0 --paper --lagrangian pid   # VPA+PID (fixed gains)
     python marvel_full.py --env-id OfflineCarRun-v0 --paper --no-pretrain      # From Scratch
 
 One loop runs the three stages, each a verbatim copy of its standalone file's definitions (tests/test_sync.py):
-  1. `--offline-steps` CPQ steps on the DSRL dataset (cpq.py); the best evaluation is kept.
+  1. `--offline-steps` steps of the offline learner on the DSRL dataset: Safe IQL (safe_iql.py, in-sample; the
+     default, not in the paper) or CPQ (cpq.py; `--paper` or `--offline-algo cpq`); the best evaluation is kept.
   2. `--vpa-steps` Value Pre-Alignment steps (vpa.py): the actor μ is frozen and both critics are re-fitted to μ with
      entropy-regularised targets (α_vpa for Q, α_c_vpa < α_vpa for Qc) on the offline data.
   3. Online iterations of SAC-Lagrangian with λ from the adaptive PID controller (sac_lag_apid.py), by default
      behind its deployment gate and anchors (safe finetuning, not in the paper); `--paper` is the published phase.
-Each stage writes its checkpoint into --save-dir as it ends (cpq.pt, vpa.pt, sac_lag.pt), then summary.json.
+Each stage writes its checkpoint into --save-dir as it ends (safe_iql.pt or cpq.pt, vpa.pt, sac_lag.pt), then
+summary.json.
 `--resume SAVE_DIR` reruns an interrupted run from its last finished stage; `--offline-checkpoint PATH` starts from
 an existing offline checkpoint instead of stage 1. VPA's Spearman diagnostic needs Monte-Carlo rollouts: run vpa.py.
 """
@@ -28,6 +30,7 @@ import tempfile
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
+from types import SimpleNamespace
 from typing import Literal, Optional, Tuple
 
 os.environ.setdefault("DSRL_SUPPRESS_IMPORT_ERROR", "1")  # dsrl warns about suites we do not install
@@ -61,14 +64,13 @@ class Args:
     pretrain: bool = True  # stages 1 and 2; --no-pretrain: From Scratch (SAC-Lag from random networks)
     vpa: bool = True  # stage 2; --no-vpa: the offline critics go online as they are (aPID only)
     offline_checkpoint: Optional[str] = None  # skip stage 1: start from this cpq.py / bear_lag.py checkpoint
-    # stage 1: CPQ (cpq.py)
-    offline_steps: int = 100_000  # CPQ gradient steps
-    offline_cost_limit: Optional[float] = None  # the d CPQ trains and selects for (default --cost-limit)
-    offline_eval_every: int = 5_000  # evaluate CPQ every this many steps; the best evaluation goes on
-    offline_actor_lr: float = 1e-4  # CPQ actor learning rate
-    offline_critic_lr: float = 1e-3  # CPQ reward and cost critic learning rate
-    vae_lr: float = 1e-3  # CPQ VAE learning rate
-    alpha_c_lr: float = 1e-4  # learning rate of CPQ's log α_c (OOD cost-penalty weight)
+    # stage 1: offline pretraining, Safe IQL (safe_iql.py; not in the paper) or CPQ (cpq.py; the paper's)
+    offline_algo: Optional[Literal["safe_iql", "cpq"]] = None  # the offline learner (default safe_iql; --paper: cpq)
+    offline_steps: int = 30_000  # offline gradient steps
+    offline_cost_limit: Optional[float] = None  # the d stage 1 trains and selects for (default --cost-limit)
+    offline_eval_every: int = 2_500  # evaluate stage 1 every this many steps; the best evaluation goes on
+    offline_actor_lr: Optional[float] = None  # stage 1 actor learning rate (default: safe_iql 3e-4, cpq 1e-4)
+    offline_critic_lr: Optional[float] = None  # stage 1 critic learning rate (default: safe_iql 3e-4, cpq 1e-3)
     vae_hidden: int = 400  # VAE hidden width
     kl_weight: float = 0.5  # β_kl of the VAE loss
     num_ood_samples: int = 10  # policy actions sampled per state for CPQ's OOD penalty
@@ -517,6 +519,97 @@ def is_better(result: dict, best: Optional[dict]) -> bool:
     if safe != best_safe:
         return safe
     return result["return"] > best["return"] if safe else result["cost"] < best["cost"]
+
+
+# --- Safe IQL (safe_iql.py) -----------------------------------------------------------------------------------
+def expectile_loss(diff: torch.Tensor, tau: float) -> torch.Tensor:
+    """mean |τ − 1[u < 0]|·u² of u = target − prediction: the τ-expectile of the target (τ = 0.5: the mean)."""
+    return (torch.abs(tau - (diff < 0).float()) * diff.pow(2)).mean()
+
+
+def feasibility_weights(adv, adv_c, v_c, qc, q_thres: float, beta: float, max_weight: float) -> torch.Tensor:
+    """FISOR's weights: reward advantage among the cost-safe actions of feasible states (Vc(s) ≤ q_thres), cost
+    advantage (lower is better) in infeasible ones; each advantage in units of its batch std, exp(·) clipped."""
+    feasible = (v_c <= q_thres).float()
+    w_feasible = torch.exp(beta * adv / adv.std().clamp_min(1e-6)).clamp(max=max_weight) * (qc <= q_thres).float()
+    w_infeasible = torch.exp(-beta * adv_c / adv_c.std().clamp_min(1e-6)).clamp(max=max_weight)
+    return feasible * w_feasible + (1 - feasible) * w_infeasible
+
+
+def log_prob_of(actor: Actor, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+    """log N(atanh a; μ(s), σ(s)) of the data's actions (a clipped to ±0.999 so atanh stays finite); the tanh
+    Jacobian does not depend on the actor's weights and is left out."""
+    h = actor.trunk(obs)
+    mu, log_std = actor.mu(h), actor.log_std(h).clamp(-20.0, 2.0)
+    u = torch.atanh(act.clamp(-0.999, 0.999))
+    return (-0.5 * ((u - mu) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+class SafeIQL(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, q_thres: float, lrs: Optional[tuple] = None):
+        """`lrs`: the (actor, critics and values) learning rates, default args' (marvel_full.py passes its own)."""
+        super().__init__()
+        self.args, self.q_thres = args, args.q_thres_factor * q_thres  # the margin: see the module docstring
+        self.actor_lr, critic_lr = lrs or (args.actor_lr, args.critic_lr)
+        self.actor = Actor(obs_dim, act_dim, args.hidden_sizes)
+        self.critic = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=2)
+        self.cost_critic = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=1)
+        self.critic_target = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=2)
+        self.cost_critic_target = QEnsemble(obs_dim, act_dim, args.hidden_sizes, num_q=1)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.cost_critic_target.load_state_dict(self.cost_critic.state_dict())
+        self.value = mlp([obs_dim, *args.hidden_sizes, 1])
+        self.cost_value = mlp([obs_dim, *args.hidden_sizes, 1])
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=self.actor_lr)
+        self.critic_opt = torch.optim.Adam([*self.critic.parameters(), *self.cost_critic.parameters()], lr=critic_lr)
+        self.value_opt = torch.optim.Adam([*self.value.parameters(), *self.cost_value.parameters()], lr=critic_lr)
+
+    def update(self, obs, act, reward, cost, next_obs, term, step: int) -> dict:
+        args = self.args
+        # 1. values: expectiles of the target critics at the data's actions
+        with torch.no_grad():
+            q = self.critic_target(obs, act).min(0).values
+            qc = self.cost_critic_target(obs, act)[0]
+        v, v_c = self.value(obs).squeeze(-1), self.cost_value(obs).squeeze(-1)
+        value_loss = expectile_loss(q - v, args.expectile) + expectile_loss(qc - v_c, args.cost_expectile)
+        self.value_opt.zero_grad(set_to_none=True)
+        value_loss.backward()
+        self.value_opt.step()
+        # 2. critics: in-sample TD through the values of s'
+        with torch.no_grad():
+            y = reward + args.gamma * (1 - term) * self.value(next_obs).squeeze(-1)
+            y_c = cost + args.gamma * (1 - term) * self.cost_value(next_obs).squeeze(-1)
+        critic_loss = F.mse_loss(self.critic(obs, act), y.expand(2, -1), reduction="none").mean(1).sum()
+        cost_loss = F.mse_loss(self.cost_critic(obs, act)[0], y_c)
+        self.critic_opt.zero_grad(set_to_none=True)
+        (critic_loss + cost_loss).backward()
+        self.critic_opt.step()
+        # 3. actor: feasibility-weighted likelihood of the data's actions, lr on a cosine schedule
+        v, v_c = v.detach(), v_c.detach()
+        w = feasibility_weights(q - v, qc - v_c, v_c, qc, self.q_thres, args.beta, args.max_weight)
+        actor_loss = -(w * log_prob_of(self.actor, obs, act)).mean()
+        cosine = 0.5 * (1 + math.cos(math.pi * (step - 1) / args.total_steps))
+        self.actor_opt.param_groups[0]["lr"] = self.actor_lr * cosine
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_opt.step()
+        # 4. targets
+        soft_update(self.critic_target, self.critic, args.tau)
+        soft_update(self.cost_critic_target, self.cost_critic, args.tau)
+        return {"losses/value": value_loss.detach(), "losses/critic": critic_loss.detach(),
+                "losses/cost_critic": cost_loss.detach(), "losses/actor": actor_loss.detach(),
+                "losses/feasible_fraction": (v_c <= self.q_thres).float().mean(), "losses/cost_value": v_c.mean(),
+                "losses/mean_weight": w.mean()}
+
+    def checkpoint(self, args: Args, env_id: str, obs_dim: int, act_dim: int, step: int) -> dict:
+        return {"algo": "safe_iql", "env_id": env_id, "obs_dim": obs_dim, "act_dim": act_dim,
+                "hidden_sizes": list(args.hidden_sizes), "reward_scale": args.reward_scale,
+                "cost_limit": args.cost_limit, "step": step,
+                "actor": self.actor.state_dict(), "critic": self.critic.state_dict(),
+                "critic_target": self.critic_target.state_dict(), "cost_critic": self.cost_critic.state_dict(),
+                "cost_critic_target": self.cost_critic_target.state_dict(),
+                "value": self.value.state_dict(), "cost_value": self.cost_value.state_dict(),
+                "lagrange": None, "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}}
 
 
 # --- VPA (vpa.py) -----------------------------------------------------------------------------------------
@@ -1041,8 +1134,9 @@ def check_args(args: Args) -> None:
     check_common_args(args)
     check_online_args(args)
     counts = ("offline_steps", "offline_eval_every", "vae_hidden", "num_ood_samples", "vpa_steps")
-    rates = ("offline_actor_lr", "offline_critic_lr", "vae_lr", "alpha_c_lr", "qc_thres_factor", "alpha_vpa")
+    rates = ("qc_thres_factor", "alpha_vpa")
     for flag, holds, must in [*((f, getattr(args, f) >= 1, ">= 1") for f in counts),
+                              *((f, (getattr(args, f) or 1) > 0, "> 0") for f in ("offline_actor_lr", "offline_critic_lr")),
                               *((f, getattr(args, f) > 0, "> 0") for f in rates),
                               ("offline_cost_limit", (args.offline_cost_limit or 0) >= 0, ">= 0"),
                               ("ood_quantile", 0 <= args.ood_quantile < 1, "in [0, 1)"),
@@ -1056,19 +1150,23 @@ def check_args(args: Args) -> None:
 
 
 # the standalone files' defaults of what this file does not make a flag
-CPQ_BATCH_SIZE, VPA_BATCH_SIZE, GATE_MAX_WAIT = 512, 64, 16
+OFFLINE_BATCH_SIZE, OFFLINE_LRS = {"safe_iql": 256, "cpq": 512}, {"safe_iql": (3e-4, 3e-4), "cpq": (1e-4, 1e-3)}
+CPQ_VAE_LR, CPQ_ALPHA_C_LR, VPA_BATCH_SIZE, GATE_MAX_WAIT = 1e-3, 1e-4, 64, 16
+SAFE_IQL = dict(expectile=0.7, cost_expectile=0.5, beta=2.0, max_weight=100.0, q_thres_factor=0.75)
 
 
 def main(args: Args) -> dict:
     args = online_defaults(args)
+    args = replace(args, offline_algo=args.offline_algo or ("cpq" if args.paper else "safe_iql"))
     alpha_vpa = args.alpha_vpa if args.alpha_vpa is not None else 2 * ENV_DEFAULTS[args.env_id]["alpha"]  # vpa.py's
     args = replace(args, alpha_vpa=alpha_vpa, alpha_c_vpa=alpha_vpa / 2 if args.alpha_c_vpa is None else args.alpha_c_vpa)
     check_args(args)
     if args.resume is not None and not os.path.isdir(args.resume):
         raise InputError(f"--resume {args.resume}: no such directory")
     save_dir = args.resume or args.save_dir or os.path.join("runs", f"{args.env_id}__marvel__{args.seed}__{int(time.time())}")
-    prepare_output_dir(os.path.join(save_dir, "cpq.pt"))
-    paths = {stage: os.path.join(save_dir, f"{stage}.pt") for stage in ("cpq", "vpa", "sac_lag")}
+    paths = {stage: os.path.join(save_dir, f"{name}.pt") for stage, name in (("offline", args.offline_algo),
+                                                                             ("vpa", "vpa"), ("online", "sac_lag"))}
+    prepare_output_dir(paths["offline"])
     random.seed(args.seed)
     np.random.seed(args.seed)  # also Bullet's reset noise
     torch.manual_seed(args.seed)
@@ -1087,59 +1185,66 @@ def main(args: Args) -> dict:
     offline = load(args.offline_checkpoint) if args.offline_checkpoint else None
     aligned = None
     if args.resume is not None:
-        if os.path.exists(paths["sac_lag"]):
-            raise InputError(f"--resume {args.resume}: the run finished ({paths['sac_lag']}); nothing to resume")
-        offline = load(paths["cpq"]) if offline is None and os.path.exists(paths["cpq"]) else offline
+        if os.path.exists(paths["online"]):
+            raise InputError(f"--resume {args.resume}: the run finished ({paths['online']}); nothing to resume")
+        offline = load(paths["offline"]) if offline is None and os.path.exists(paths["offline"]) else offline
         aligned = load(paths["vpa"]) if args.vpa and os.path.exists(paths["vpa"]) else None
-    run_cpq = args.pretrain and offline is None and aligned is None
+    run_offline = args.pretrain and offline is None and aligned is None
     run_vpa = args.pretrain and args.vpa and aligned is None
     data = None
-    if run_cpq or run_vpa or args.offline_ratio > 0:
+    if run_offline or run_vpa or args.offline_ratio > 0:
         path = find_dataset(args.env_id, env.unwrapped.dataset_url, args.dataset_path)
         data = {k: torch.as_tensor(v, device=device) for k, v in load_dataset(path, obs_dim, act_dim).items()}
         data["rewards"] = data["rewards"] * args.reward_scale
         print(f"{args.env_id}: {len(data['rewards'])} transitions from {path} on {device}")
-    stages = [*(["cpq" if run_cpq else "loaded"] * args.pretrain), *(["vpa"] * (args.pretrain and args.vpa)), "online"]
+    stages = [*([args.offline_algo if run_offline else "loaded"] * args.pretrain), *(["vpa"] * (args.pretrain and args.vpa)), "online"]
     print(f"stages: {' → '.join(stages)}; checkpoints in {save_dir}/")
     writer = SummaryWriter(save_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
 
     # stage 1 trains for the offline limit (the official pipeline pretrained at 40 and finetuned at 20)
-    cpq_args = replace(args, cost_limit=args.offline_cost_limit if args.offline_cost_limit is not None else args.cost_limit)
-    if run_cpq:
-        agent = CPQ(obs_dim, act_dim, cpq_args, episode_q_threshold(cpq_args.cost_limit, args.gamma,
-                                                                    env.spec.max_episode_steps),
-                    lrs=(args.offline_actor_lr, args.offline_critic_lr, args.vae_lr, args.alpha_c_lr)).to(device)
+    offline_args = replace(args, cost_limit=args.offline_cost_limit if args.offline_cost_limit is not None else args.cost_limit)
+    if run_offline:
+        q_thres = episode_q_threshold(offline_args.cost_limit, args.gamma, env.spec.max_episode_steps)
+        actor_lr, critic_lr = OFFLINE_LRS[args.offline_algo]
+        lrs = (args.offline_actor_lr or actor_lr, args.offline_critic_lr or critic_lr)
+        if args.offline_algo == "cpq":
+            agent = CPQ(obs_dim, act_dim, offline_args, q_thres, lrs=(*lrs, CPQ_VAE_LR, CPQ_ALPHA_C_LR)).to(device)
+        else:  # safe_iql.py's Args: its own flags at their defaults
+            offline_args = SimpleNamespace(**vars(offline_args), total_steps=args.offline_steps, **SAFE_IQL)
+            agent = SafeIQL(obs_dim, act_dim, offline_args, q_thres, lrs=lrs).to(device)
         generator = torch.Generator(device=device).manual_seed(args.seed)
         best = None
-    cpq_steps, vpa_steps = args.offline_steps * run_cpq, args.vpa_steps * run_vpa
+    offline_steps, vpa_steps = args.offline_steps * run_offline, args.vpa_steps * run_vpa
     num_iters = math.ceil(args.online_episodes / args.episodes_per_iter)
-    rows, wall, start, stage = {}, {}, time.time(), "cpq" if run_cpq else "vpa" if run_vpa else "online"
-    progress = tqdm(range(cpq_steps + vpa_steps + num_iters), desc="marvel")
+    rows, wall, start, stage = {}, {}, time.time(), "offline" if run_offline else "vpa" if run_vpa else "online"
+    progress = tqdm(range(offline_steps + vpa_steps + num_iters), desc="marvel")
     try:
         for t in progress:
-            if t < cpq_steps:  # ---- stage 1: one CPQ step
+            if t < offline_steps:  # ---- stage 1: one offline step
                 step = t + 1
-                idx = torch.randint(len(data["rewards"]), (CPQ_BATCH_SIZE,), device=device, generator=generator)
-                info = agent.update(data["observations"][idx], data["actions"][idx], data["rewards"][idx],
-                                    data["costs"][idx], data["next_observations"][idx], data["terminals"][idx])
+                idx = torch.randint(len(data["rewards"]), (OFFLINE_BATCH_SIZE[args.offline_algo],), device=device,
+                                    generator=generator)
+                batch = [data[k][idx] for k in ("observations", "actions", "rewards", "costs", "next_observations",
+                                                "terminals")]
+                info = agent.update(*batch) if args.offline_algo == "cpq" else agent.update(*batch, step)
                 if step % 100 == 0:  # one host sync per 100 steps
                     for tag, value in zip(info, torch.stack(list(info.values())).tolist()):
                         writer.add_scalar("offline/" + tag, value, step)
-                if step % args.offline_eval_every == 0 or step == cpq_steps:
-                    result = {**evaluate(agent.actor, env, args.eval_episodes, cpq_args.cost_limit, device), "step": step}
+                if step % args.offline_eval_every == 0 or step == offline_steps:
+                    result = {**evaluate(agent.actor, env, args.eval_episodes, offline_args.cost_limit, device), "step": step}
                     for k, v in result.items():
                         writer.add_scalar(f"offline/eval/{k}", v, step)
                     progress.set_postfix(ret=f"{result['return']:.1f}", cost=f"{result['cost']:.1f}")
                     if is_better(result, best):
                         best = result
-                        offline = copy.deepcopy({**agent.checkpoint(cpq_args, args.env_id, obs_dim, act_dim, step),
+                        offline = copy.deepcopy({**agent.checkpoint(offline_args, args.env_id, obs_dim, act_dim, step),
                                                  "eval": best})
-                if step == cpq_steps:  # the stage ends: its best evaluation goes on
-                    save_checkpoint(paths["cpq"], offline)
+                if step == offline_steps:  # the stage ends: its best evaluation goes on
+                    save_checkpoint(paths["offline"], offline)
                     wall["offline"], start = time.time() - start, time.time()
                 continue
-            if t == cpq_steps and args.pretrain:  # between stages 1 and 2: the offline row of the results
+            if t == offline_steps and args.pretrain:  # between stages 1 and 2: the offline row of the results
                 if "eval" not in offline:  # a loaded checkpoint without a stored evaluation
                     actor = Actor(obs_dim, act_dim, args.hidden_sizes).to(device)
                     actor.load_state_dict(offline["actor"])
@@ -1154,8 +1259,8 @@ def main(args: Args) -> dict:
                     agent = VPA(obs_dim, act_dim, args.hidden_sizes, args).to(device)
                     agent.load(offline, "offline checkpoint")
                     generator = torch.Generator(device=device).manual_seed(args.seed)
-            if t < cpq_steps + vpa_steps:  # ---- stage 2: one VPA step
-                step = t - cpq_steps + 1
+            if t < offline_steps + vpa_steps:  # ---- stage 2: one VPA step
+                step = t - offline_steps + 1
                 idx = torch.randint(len(data["rewards"]), (VPA_BATCH_SIZE,), device=device, generator=generator)
                 info = agent.update({k: v[idx] for k, v in data.items()})
                 if step % 100 == 0:
@@ -1175,7 +1280,7 @@ def main(args: Args) -> dict:
                     save_checkpoint(paths["vpa"], aligned)
                     wall["vpa"], start = time.time() - start, time.time()
                 continue
-            if t == cpq_steps + vpa_steps:  # ---- stage 3 starts, set up exactly as in sac_lag_apid.py
+            if t == offline_steps + vpa_steps:  # ---- stage 3 starts, set up exactly as in sac_lag_apid.py
                 init = aligned if args.vpa and args.pretrain else offline if args.pretrain else None
                 if aligned is not None and args.vpa:
                     rows["after VPA"] = aligned["eval"]
@@ -1188,7 +1293,7 @@ def main(args: Args) -> dict:
                 if init is not None:
                     agent.load(init)
                 online = OnlineStage(args, agent, envs, eval_env, data if args.offline_ratio > 0 else None, writer,
-                                     paths["sac_lag"].removesuffix(".pt") + "_progress.csv", GATE_MAX_WAIT,
+                                     paths["online"].removesuffix(".pt") + "_progress.csv", GATE_MAX_WAIT,
                                      learner_eval=False, device=device)  # the learner diagnostic: sac_lag_apid.py
                 stage = "online"
             progress.set_postfix(online.iteration())  # ---- stage 3: one online iteration
@@ -1199,7 +1304,7 @@ def main(args: Args) -> dict:
             print(f"marvel_full.py: interrupted in stage {stage}; kept "
                   f"{', '.join(kept) or 'nothing'}; continue with --resume {save_dir}", file=sys.stderr)
             sys.exit(130)
-    result = online.finish(paths["sac_lag"], f"{init['algo']}+sac_lag" if init is not None else "sac_lag")
+    result = online.finish(paths["online"], f"{init['algo']}+sac_lag" if init is not None else "sac_lag")
     writer.close()
     rows["final"], wall["online"] = result["final"], time.time() - start
     summary = {"stages": stages, "eval": rows, "online_violations": result["online_violations"],

@@ -6,7 +6,7 @@
         --offline-steps 10000 --out benchmark/results/my_grid          # the offline stage is part of the grid
 
 Every run is one subprocess (with `OMP_NUM_THREADS=1`) inside one Ray task that asks for 1 CPU (and a GPU with
-`--cuda` when the cluster has one). Per (task, cost limit d, seed) the grid runs the offline stage (`cpq.py --seed S`;
+`--cuda` when the cluster has one). Per (task, cost limit d, seed) the grid runs the offline stage (`safe_iql.py --seed S`, or cpq.py with `--offline-algo cpq`;
 not with `--offline-checkpoint`, which names existing checkpoints), then VPA (`vpa.py --init <offline checkpoint>
 --seed S`), which every method that starts from VPA shares, then one `sac_lag_apid.py` per method. The stages are
 chained by object refs: the VPA task takes the offline task's ref, an online task the offline (and VPA) refs, so Ray
@@ -15,7 +15,7 @@ starts a run as soon as what it needs exists. Ray runs on this machine by defaul
 `--work-dir` at the same paths. Ray is an optional extra: `pip install -r requirements-bench.txt`.
 
 Skip if done: a run whose result file exists in `--out` is skipped, a complete offline checkpoint and an existing VPA
-checkpoint in `--work-dir` are reused (an interrupted `cpq.py` run continues from its latest evaluation's `*_last.pt`
+checkpoint in `--work-dir` are reused (an interrupted offline run continues from its latest evaluation's `*_last.pt`
 with `--resume`; not bit-identical to an uninterrupted run), so a grid can be run in chunks and resumed. A failed run
 prints `failed: <run> (log: <path>)`, so do the runs that needed it (with the same log); the others go on, and the
 exit code is 1. Into `--out` go, per run, `<method>_seed<S>.csv` (sac_lag_apid.py's per-iteration progress) and
@@ -88,8 +88,10 @@ class Args:
     ("results folder (CSVs and JSONs of the finished runs; existing ones are skipped); with several tasks or cost "
      "limits, one sub-folder <env-id>_d<d> per (task, d)")
     offline_checkpoint: Optional[str] = None
-    ("offline checkpoints (cpq.py / bear_lag.py): one file, or a pattern with {seed} (and {env_id}, {cost_limit}); "
-     "without it the grid runs cpq.py per seed into --work-dir")
+    ("offline checkpoints (safe_iql.py / cpq.py / bear_lag.py): one file, or a pattern with {seed} (and {env_id}, "
+     "{cost_limit}); without it the grid runs --offline-algo per seed into --work-dir")
+    offline_algo: str = "safe_iql"
+    """the grid's offline learner: safe_iql (marvel_full.py's default) or cpq (the paper's)"""
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     """seeds (the offline run and VPA of a seed use the same seed)"""
     methods: List[str] = field(default_factory=lambda: ["recommended", "marvel", "warm_start", "scratch"])
@@ -104,9 +106,9 @@ class Args:
     ("where checkpoints, logs and TensorBoard files of the runs go (one per task and offline checkpoint: the offline "
      "and VPA checkpoints in it are reused); several tasks or limits get sub-folders as --out does")
     offline_steps: Optional[int] = None
-    """cpq.py --total-steps of the grid's offline runs (default: cpq.py's, 100k); not with --offline-checkpoint"""
+    """--total-steps of the grid's offline runs (default: the learner's own); not with --offline-checkpoint"""
     offline_extra: str = ""
-    """extra flags for the grid's cpq.py runs, one string, e.g. --offline-extra='--eval-every 2500'"""
+    """extra flags for the grid's offline runs, one string, e.g. --offline-extra='--eval-every 2500'"""
     jobs: int = 2
     """runs at a time on a local Ray instance (its CPUs); a cluster joined with --address runs on all of its CPUs"""
     address: Optional[str] = None
@@ -221,22 +223,22 @@ def final_row(csv_path: str) -> dict:
 
 
 # ---- the three stages; each runs as one Ray task (1 CPU) and returns what the next one needs ----
-def offline_paths(cell: Cell, seed: int) -> tuple:
-    path = os.path.join(cell.work, f"cpq_seed{seed}", "cpq.pt")
+def offline_paths(cell: Cell, seed: int, algo: str) -> tuple:
+    path = os.path.join(cell.work, f"{algo}_seed{seed}", f"{algo}.pt")
     return path, path.removesuffix(".pt") + ".log"
 
 
 def offline_stage(args: Args, cell: Cell, seed: int, device: List[str]) -> str:
-    """cpq.py for one seed, unless a complete run is there (best, and a *_last.pt at the last step); an interrupted
-    run continues from its *_last.pt (cpq.py --resume). Returns the checkpoint."""
-    path, log = offline_paths(cell, seed)
-    name = f"{cell.prefix}cpq_seed{seed}"
+    """safe_iql.py or cpq.py for one seed, unless a complete run is there (best, and a *_last.pt at the last step); an
+    interrupted run continues from its *_last.pt (--resume). Returns the checkpoint."""
+    path, log = offline_paths(cell, seed, args.offline_algo)
+    name = f"{cell.prefix}{args.offline_algo}_seed{seed}"
     last = path.removesuffix(".pt") + "_last.pt"
     with failures_as(name, log):
         ckpt = torch.load(at(last), map_location="cpu", weights_only=True) if os.path.isfile(at(last)) else None
         if not (os.path.isfile(at(path)) and ckpt is not None and ckpt["step"] == ckpt["args"]["total_steps"]):
             steps = [] if args.offline_steps is None else ["--total-steps", str(args.offline_steps)]
-            cmd = [sys.executable, "cpq.py", "--env-id", cell.env_id, "--seed", str(seed), "--save-path", path,
+            cmd = [sys.executable, f"{args.offline_algo}.py", "--env-id", cell.env_id, "--seed", str(seed), "--save-path", path,
                    *device, *cell.limit_flags(), *steps, *shlex.split(args.offline_extra)]
             run(cmd + (["--resume", last] if ckpt is not None else []), log, name, append=ckpt is not None)
         made = torch.load(at(path), map_location="cpu", weights_only=True)["args"]
@@ -350,6 +352,8 @@ def main(args: Args) -> int:
                any(v not in VARIANTS for v in m.split("+")[1:])]
     if unknown:
         sys.exit(f"run_grid.py: error: unknown methods {unknown}; known: {sorted(METHODS)}, variants {sorted(VARIANTS)}")
+    if args.offline_algo not in ("safe_iql", "cpq"):
+        sys.exit(f"run_grid.py: error: --offline-algo {args.offline_algo}: must be safe_iql or cpq")
     if args.offline_checkpoint is not None and (args.offline_steps is not None or args.offline_extra):
         sys.exit("run_grid.py: error: --offline-steps and --offline-extra are for the grid's own offline runs, "
                  "not with --offline-checkpoint")
@@ -401,9 +405,9 @@ def main(args: Args) -> int:
     for cell, seed, todo, given in plan:  # the long offline runs first: Ray starts ready tasks in the order they came
         offline = given
         if given is None and any(start_of(m) != "scratch" for m in todo):
-            name = f"{cell.prefix}cpq_seed{seed}"
+            name = f"{cell.prefix}{args.offline_algo}_seed{seed}"
             offline = task(offline_stage, name).remote(args, cell, seed, device)
-            pending[offline] = (name, offline_paths(cell, seed)[1])
+            pending[offline] = (name, offline_paths(cell, seed, args.offline_algo)[1])
         offlines.append(offline)
     for (cell, seed, todo, _), offline in zip(plan, offlines):
         kinds, vpa = {start_of(m) for m in todo}, None
@@ -437,7 +441,7 @@ def main(args: Args) -> int:
                     else:  # the task itself died (a lost worker or node)
                         print(f"failed: {name} (log: {log}): {type(cause).__name__}: {cause}", flush=True)
                     failed += 1
-    except KeyboardInterrupt:  # cancel the rest; a running script gets its own Ctrl-C (cpq.py keeps its *_last.pt)
+    except KeyboardInterrupt:  # cancel the rest; a running script gets its own Ctrl-C (the offline scripts keep their *_last.pt)
         print(f"interrupted: cancelling {len(pending)} stages and runs; the same command resumes the grid", flush=True)
         for ref in pending:
             ray.cancel(ref)

@@ -34,11 +34,16 @@ RUNS = {
                                                "--save-path", "sacp/sac_lag.pt"], ["sacp/sac_lag.pt"]),
     "sac_lag_apid_scratch": ("sac_lag_apid.py", ["--init", "scratch", "--paper", *ONLINE,
                                                  "--save-path", "sacs/sac_lag.pt"], ["sacs/sac_lag.pt"]),
+    "safe_iql": ("safe_iql.py", ["--total-steps", "200", "--eval-every", "100", "--save-path", "iql/safe_iql.pt"],
+                 ["iql/safe_iql.pt"]),
     "marvel_full": ("marvel_full.py", ["--offline-steps", "200", "--offline-eval-every", "100", "--vpa-steps", "200",
                                        *ONLINE, "--save-dir", "marvel"],
-                    ["marvel/cpq.pt", "marvel/vpa.pt", "marvel/sac_lag.pt"]),
+                    ["marvel/safe_iql.pt", "marvel/vpa.pt", "marvel/sac_lag.pt"]),
+    "marvel_full_cpq": ("marvel_full.py", ["--offline-algo", "cpq", "--offline-steps", "200", "--offline-eval-every",
+                                           "100", "--vpa-steps", "200", *ONLINE, "--save-dir", "marvelc"],
+                        ["marvelc/cpq.pt", "marvelc/vpa.pt", "marvelc/sac_lag.pt"]),
     "marvel_full_paper": ("marvel_full.py", ["--paper", "--offline-steps", "200", "--offline-eval-every", "100",
-                                             "--vpa-steps", "200", *ONLINE, "--save-dir", "marvelp"],
+                                             "--vpa-steps", "200", *ONLINE, "--save-dir", "marvelp"],  # CPQ
                           ["marvelp/cpq.pt", "marvelp/vpa.pt", "marvelp/sac_lag.pt"]),
     "famo2o_lag": ("famo2o_lag.py", ["--offline-steps", "200", "--eval-every", "100", "--online-episodes", "10",
                                      "--online-eval-every", "5", "--save-path", "famo2o/famo2o_lag.pt"],
@@ -61,7 +66,7 @@ def digest(value) -> object:
 # what a checkpoint says about the run: its networks and its evaluation (not its args or optimizer state, which
 # name flags and so change when a flag is renamed)
 SUMMARISED = ("actor", "learner_actor", "critic", "critic_target", "cost_critic", "cost_critic_target", "vae",
-              "log_alpha_c", "eval", "balance", "policy")
+              "log_alpha_c", "value", "cost_value", "eval", "balance", "policy")
 
 
 def summarise(path: str) -> dict:
@@ -70,8 +75,8 @@ def summarise(path: str) -> dict:
 
 
 # two chains of about equal time, run side by side (one thread each); within a chain, in order
-CHAINS = (("cpq", "vpa", "sac_lag_apid", "sac_lag_apid_paper", "bear_lag"),
-          ("sac_lag_apid_scratch", "marvel_full", "marvel_full_paper", "famo2o_lag"))
+CHAINS = (("cpq", "vpa", "sac_lag_apid", "sac_lag_apid_paper", "bear_lag", "safe_iql"),
+          ("sac_lag_apid_scratch", "marvel_full", "marvel_full_cpq", "marvel_full_paper", "famo2o_lag"))
 
 
 def run_chain(workdir: str, names) -> dict:

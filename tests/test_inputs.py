@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT
 
-ENTRY_POINTS = {"cpq.py": [], "bear_lag.py": [], "vpa.py": ["--init", "unused.pt"], "sac_lag_apid.py": [],
+ENTRY_POINTS = {"cpq.py": [], "safe_iql.py": [], "bear_lag.py": [], "vpa.py": ["--init", "unused.pt"], "sac_lag_apid.py": [],
                 "famo2o_lag.py": [], "marvel_full.py": []}
 
 

@@ -37,12 +37,13 @@ def test_help_lists_every_flag_with_its_docstring(tmp_path):
 
 
 @pytest.mark.parametrize("flags, stages, algo, kind", [
-    ([], ["cpq", "vpa", "online"], "cpq+vpa+sac_lag", "apid"),                     # Marvel
-    (["--no-vpa"], ["cpq", "online"], "cpq+sac_lag", "apid"),                       # Warm Start / aPID-only
-    (["--lagrangian", "dual"], ["cpq", "vpa", "online"], "cpq+vpa+sac_lag", "dual"),  # VPA-only
-    (["--lagrangian", "pid"], ["cpq", "vpa", "online"], "cpq+vpa+sac_lag", "pid"),    # VPA+PID
-    (["--no-pretrain"], ["online"], "sac_lag", "apid"),                               # From Scratch
-    (["--offline-cost-limit", "40"], ["cpq", "vpa", "online"], "cpq+vpa+sac_lag", "apid"),  # official: 40 → 20
+    ([], ["safe_iql", "vpa", "online"], "safe_iql+vpa+sac_lag", "apid"),              # the default
+    (["--offline-algo", "cpq"], ["cpq", "vpa", "online"], "cpq+vpa+sac_lag", "apid"),  # Marvel (+ --paper)
+    (["--no-vpa"], ["safe_iql", "online"], "safe_iql+sac_lag", "apid"),                # Warm Start / aPID-only
+    (["--lagrangian", "dual"], ["safe_iql", "vpa", "online"], "safe_iql+vpa+sac_lag", "dual"),  # VPA-only
+    (["--lagrangian", "pid"], ["safe_iql", "vpa", "online"], "safe_iql+vpa+sac_lag", "pid"),    # VPA+PID
+    (["--no-pretrain"], ["online"], "sac_lag", "apid"),                                # From Scratch
+    (["--offline-cost-limit", "40"], ["safe_iql", "vpa", "online"], "safe_iql+vpa+sac_lag", "apid"),  # 40 → 20
 ])
 def test_pipeline_variants(tmp_path, dataset_file, flags, stages, algo, kind):
     save_dir = tmp_path / "out"
@@ -50,22 +51,22 @@ def test_pipeline_variants(tmp_path, dataset_file, flags, stages, algo, kind):
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.load(open(save_dir / "summary.json"))
     assert summary["stages"] == stages and summary["online_episodes"] == 2
-    expected_rows = {"cpq": "offline", "vpa": "after VPA", "online": "final"}
+    expected_rows = {"safe_iql": "offline", "cpq": "offline", "vpa": "after VPA", "online": "final"}
     assert list(summary["eval"]) == [expected_rows[s] for s in stages]
-    files = {"cpq": "cpq.pt", "vpa": "vpa.pt", "online": "sac_lag.pt"}
+    files = {"safe_iql": "safe_iql.pt", "cpq": "cpq.pt", "vpa": "vpa.pt", "online": "sac_lag.pt"}
     listed = [f for f in os.listdir(save_dir) if not f.startswith("events.out.tfevents.")]  # TensorBoard's, beside
     assert sorted(listed) == sorted([files[s] for s in stages] + ["sac_lag_progress.csv", "summary.json"])
     final = torch.load(save_dir / "sac_lag.pt", weights_only=True)
     assert final["algo"] == algo and final["lagrange"]["kind"] == kind and final["step"] == 400
     if "vpa" in stages:  # VPA moved the critics and kept the actor
-        offline, aligned = (torch.load(save_dir / f, weights_only=True) for f in ("cpq.pt", "vpa.pt"))
+        offline, aligned = (torch.load(save_dir / files[f], weights_only=True) for f in (stages[0], "vpa"))
         assert all(torch.equal(offline["actor"][k], aligned["actor"][k]) for k in offline["actor"])
         assert not torch.equal(offline["critic"]["weights.0"], aligned["critic"]["weights.0"])
     for name in summary["eval"]:  # a row of the summary table: its name, then numbers
         assert re.search(rf"^{name}\s+-?\d", proc.stdout, re.M), name
-    if "cpq" in stages:  # CPQ trains for the offline limit, the online stage for --cost-limit
+    if stages[0] in ("safe_iql", "cpq"):  # stage 1 trains for the offline limit, the online stage for --cost-limit
         offline_limit = 40.0 if "--offline-cost-limit" in flags else 20.0
-        assert torch.load(save_dir / "cpq.pt", weights_only=True)["cost_limit"] == offline_limit
+        assert torch.load(save_dir / files[stages[0]], weights_only=True)["cost_limit"] == offline_limit
         assert final["cost_limit"] == 20.0
         offline_row = summary["eval"]["offline"]  # normalised at the online limit like every row
         assert offline_row["normalized_cost"] == pytest.approx(offline_row["cost"] / 20.0)
@@ -83,7 +84,7 @@ def test_offline_checkpoint_is_reused_and_checked(tmp_path, dataset_file):
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.load(open(tmp_path / "out" / "summary.json"))
     assert summary["stages"] == ["loaded", "vpa", "online"] and "offline" not in summary["wall_seconds"]
-    assert not os.path.exists(tmp_path / "out" / "cpq.pt")
+    assert not os.path.exists(tmp_path / "out" / "cpq.pt") and not os.path.exists(tmp_path / "out" / "safe_iql.pt")
     for bad_flags, message in [
         (["--offline-checkpoint", str(tmp_path / "cpq.pt"), "--hidden-sizes", "64", "64"], "checkpoint is for"),
         (["--offline-checkpoint", str(tmp_path / "cpq.pt"), "--no-pretrain"], "contradict"),
@@ -127,27 +128,28 @@ def test_online_stage_reproduces_sac_lag_apid(tmp_path, start):
         assert all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
 
 
-def test_offline_stage_reproduces_cpq(tmp_path, dataset_file):
-    """marvel_full.py's stage 1 is cpq.py: same seed, data and budget ⇒ the same checkpoint, bit for bit (so a
-    default marvel_full.py run is also a default cpq.py run)."""
-    shared = ["--no-cuda", "--hidden-sizes", "32", "32", "--vae-hidden", "32", "--eval-episodes", "1", "--seed", "5",
-              "--dataset-path", dataset_file]
-    proc = run(*shared, "--offline-steps", "6", "--offline-eval-every", "3", "--vpa-steps", "1",
-               "--online-episodes", "1", "--episodes-per-iter", "1", "--updates-per-iter", "1", "--eval-every", "1",
-               "--save-dir", str(tmp_path / "m"), cwd=tmp_path)
+@pytest.mark.parametrize("algo, nets", [("cpq", ("vae",)), ("safe_iql", ("value", "cost_value"))])
+def test_offline_stage_reproduces_the_standalone_file(tmp_path, dataset_file, algo, nets):
+    """marvel_full.py's stage 1 is cpq.py / safe_iql.py: same seed, data and budget ⇒ the same checkpoint, bit for
+    bit (so a marvel_full.py run with the defaults also is a default safe_iql.py run)."""
+    shared = ["--no-cuda", "--hidden-sizes", "32", "32", "--eval-episodes", "1", "--seed", "5",
+              "--dataset-path", dataset_file, *(["--vae-hidden", "32"] if algo == "cpq" else [])]
+    proc = run(*shared, "--offline-algo", algo, "--offline-steps", "6", "--offline-eval-every", "3", "--vpa-steps",
+               "1", "--online-episodes", "1", "--episodes-per-iter", "1", "--updates-per-iter", "1", "--eval-every",
+               "1", "--save-dir", str(tmp_path / "m"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "cpq.py"), *shared, "--total-steps", "6",
-                           "--eval-every", "3", "--save-path", str(tmp_path / "s" / "cpq.pt")],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, f"{algo}.py"), *shared, "--total-steps", "6",
+                           "--eval-every", "3", "--save-path", str(tmp_path / "s" / f"{algo}.pt")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    a, b = (torch.load(tmp_path / d / "cpq.pt", weights_only=True) for d in ("m", "s"))
-    assert a["step"] == b["step"] and a["eval"] == b["eval"] and torch.equal(a["log_alpha_c"], b["log_alpha_c"])
-    for net in ("actor", "critic", "critic_target", "cost_critic", "cost_critic_target", "vae"):
+    a, b = (torch.load(tmp_path / d / f"{algo}.pt", weights_only=True) for d in ("m", "s"))
+    assert a["algo"] == b["algo"] == algo and a["step"] == b["step"] and a["eval"] == b["eval"]
+    for net in ("actor", "critic", "critic_target", "cost_critic", "cost_critic_target", *nets):
         assert a[net].keys() == b[net].keys() and all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
 
 
 def test_resume_reruns_from_the_last_finished_stage(tmp_path, dataset_file):
-    """--resume SAVE_DIR reuses cpq.pt and vpa.pt and reruns stage 3, which is reseeded: the same result as the
+    """--resume SAVE_DIR reuses safe_iql.pt and vpa.pt and reruns stage 3, which is reseeded: the same result as the
     uninterrupted run; a finished run is not resumed."""
     save_dir = tmp_path / "out"
     proc = run(*TINY, "--dataset-path", dataset_file, "--save-dir", str(save_dir), cwd=tmp_path)

@@ -26,7 +26,7 @@ def local_ray():
 def tiny(dataset, tmp_path, **kw):
     """The grid with the budgets of the other subprocess tests (tests/test_vpa.py, test_bear_lag.py)."""
     data = f"--dataset-path {dataset}"
-    kw = {"seeds": [0, 1], "methods": ["marvel", "warm_start"], **kw}
+    kw = {"seeds": [0, 1], "methods": ["marvel", "warm_start"], "offline_algo": "cpq", **kw}
     return run_grid.Args(
         out=str(tmp_path / "out"), work_dir=str(tmp_path / "work"), offline_steps=4,
         offline_extra=f"--batch-size 32 --eval-every 2 --eval-episodes 1 --hidden-sizes 32 32 --vae-hidden 32 {data}",

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT
 
-FILES = ["cpq.py", "bear_lag.py", "vpa.py", "sac_lag_apid.py", "marvel_full.py", "famo2o_lag.py",
+FILES = ["cpq.py", "safe_iql.py", "bear_lag.py", "vpa.py", "sac_lag_apid.py", "marvel_full.py", "famo2o_lag.py",
          "benchmark/collect_dataset.py", "benchmark/evaluate.py"]
 PER_FILE = {"Args", "main", "check_args"}  # check_args: each file's own flags, through the shared flag_rules
 # vpa.py's Spearman diagnostic (Monte-Carlo rollouts) and its CLI helper; marvel_full.py leaves the diagnostic to vpa.py
@@ -43,14 +43,14 @@ def test_marvel_full_carries_every_stage():
     if not os.path.exists(path):
         pytest.skip("marvel_full.py not written yet")
     marvel = top_level_definitions(path)
-    for standalone in ("cpq.py", "vpa.py", "sac_lag_apid.py"):
+    for standalone in ("cpq.py", "safe_iql.py", "vpa.py", "sac_lag_apid.py"):
         missing = sorted(top_level_definitions(os.path.join(ROOT, standalone)).keys() - marvel.keys()
                          - NOT_IN_MARVEL)
         assert not missing, f"marvel_full.py lacks {standalone}'s {missing}"
 
 
 def test_algorithm_files_import_no_project_module():
-    project = {"cpq", "bear_lag", "vpa", "sac_lag_apid", "marvel_full", "famo2o_lag", "benchmark", "tests"}
+    project = {"cpq", "safe_iql", "bear_lag", "vpa", "sac_lag_apid", "marvel_full", "famo2o_lag", "benchmark", "tests"}
     for f in present:
         for node in ast.walk(ast.parse(open(os.path.join(ROOT, f)).read())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \

@@ -134,10 +134,10 @@ def test_marvel_full_runs_on_half_cheetah_and_reproduces(tmp_path):
         _, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr[-2000:]
     summary = json.load(open(tmp_path / "run1" / "summary.json"))
-    assert summary["stages"] == ["cpq", "vpa", "online"] and summary["online_episodes"] == 2
+    assert summary["stages"] == ["safe_iql", "vpa", "online"] and summary["online_episodes"] == 2
     final = torch.load(tmp_path / "run1" / "sac_lag.pt", weights_only=True)
     assert (final["env_id"], final["obs_dim"], final["act_dim"], final["step"]) == (HALF_CHEETAH, 17, 6, 2000)
-    for name in ("cpq.pt", "vpa.pt", "sac_lag.pt"):
+    for name in ("safe_iql.pt", "vpa.pt", "sac_lag.pt"):
         a, b = (dict(tensors(torch.load(tmp_path / f"run{i}" / name, weights_only=True))) for i in (1, 2))
         assert a and a.keys() == b.keys(), name
         assert all(torch.equal(a[k], b[k]) for k in a), name
