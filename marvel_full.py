@@ -1167,6 +1167,7 @@ def main(args: Args) -> dict:
     paths = {stage: os.path.join(save_dir, f"{name}.pt") for stage, name in (("offline", args.offline_algo),
                                                                              ("vpa", "vpa"), ("online", "sac_lag"))}
     prepare_output_dir(paths["offline"])
+    run_start = time.time()
     random.seed(args.seed)
     np.random.seed(args.seed)  # also Bullet's reset noise
     torch.manual_seed(args.seed)
@@ -1309,7 +1310,8 @@ def main(args: Args) -> dict:
     rows["final"], wall["online"] = result["final"], time.time() - start
     summary = {"stages": stages, "eval": rows, "online_violations": result["online_violations"],
                "cumulative_cost": result["cumulative_cost"], "online_episodes": result["episodes"],
-               "final_lambda": result["lambda"], "wall_seconds": wall, "device": str(device),
+               "final_lambda": result["lambda"], "wall_seconds": wall,
+               "wall_time_s": round(time.time() - run_start, 1), "device": str(device),
                "interrupted": result["interrupted"], "checkpoint": result["checkpoint"], "args": asdict(args)}
     with open(os.path.join(save_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)

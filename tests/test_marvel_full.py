@@ -50,7 +50,7 @@ def test_pipeline_variants(tmp_path, dataset_file, flags, stages, algo, kind):
     proc = run(*TINY, "--dataset-path", dataset_file, "--save-dir", str(save_dir), *flags, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.load(open(save_dir / "summary.json"))
-    assert summary["stages"] == stages and summary["online_episodes"] == 2
+    assert summary["stages"] == stages and summary["online_episodes"] == 2 and summary["wall_time_s"] > 0
     expected_rows = {"safe_iql": "offline", "cpq": "offline", "vpa": "after VPA", "online": "final"}
     assert list(summary["eval"]) == [expected_rows[s] for s in stages]
     files = {"safe_iql": "safe_iql.pt", "cpq": "cpq.pt", "vpa": "vpa.pt", "online": "sac_lag.pt"}
