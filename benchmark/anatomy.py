@@ -15,7 +15,7 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIMITS = {"cpq.py": 500, "bear_lag.py": 500, "vpa.py": 500, "sac_lag_apid.py": 700, "marvel_full.py": 900,
+LIMITS = {"cpq.py": 500, "safe_iql.py": 500, "bear_lag.py": 500, "vpa.py": 500, "sac_lag_apid.py": 700, "marvel_full.py": 900,
           "famo2o_lag.py": 700}
 MAX_ARGS_FIELDS = {"marvel_full.py": 60}
 CONCERNS = {  # concern → names (full-match regular expressions); the first match wins
@@ -23,7 +23,7 @@ CONCERNS = {  # concern → names (full-match regular expressions); the first ma
     "algorithm": r"mlp|Actor|QEnsemble|soft_update|VAE|sample_pretanh|vae_pretanh_samples|BalanceModel|FamilyPolicy"
                  r"|beta_\w+|BETA_\w+|condition|CPQ|BEARLag|VPA|vpa_targets|SACLag|\w+Lagrangian|make_lagrangian"
                  r"|\w+Stage|DeploymentGate|next_anchor_weight|episode_q_threshold|is_better|gaussian_mmd"
-                 r"|mixed_max_target"
+                 r"|mixed_max_target|SafeIQL|expectile_loss|feasibility_weights|log_prob_of|SAFE_IQL"
                  r"|descend|collect_episodes|ReplayBuffer|REPLAY_KEYS|FamO2OLag|family_sweep|evaluate|mc_return"
                  r"|collect_pairs|spearman\w*|report_spearman|snapshot|restore|policy_action|PAIR_KINDS|PLAIN",
     "data": r"find_dataset|load_dataset|DSRL_KEYS|make_env",
