@@ -1136,7 +1136,8 @@ def check_args(args: Args) -> None:
     counts = ("offline_steps", "offline_eval_every", "vae_hidden", "num_ood_samples", "vpa_steps")
     rates = ("qc_thres_factor", "alpha_vpa")
     for flag, holds, must in [*((f, getattr(args, f) >= 1, ">= 1") for f in counts),
-                              *((f, (getattr(args, f) or 1) > 0, "> 0") for f in ("offline_actor_lr", "offline_critic_lr")),
+                              *((f, getattr(args, f) is None or getattr(args, f) > 0, "> 0")
+                                for f in ("offline_actor_lr", "offline_critic_lr")),
                               *((f, getattr(args, f) > 0, "> 0") for f in rates),
                               ("offline_cost_limit", (args.offline_cost_limit or 0) >= 0, ">= 0"),
                               ("ood_quantile", 0 <= args.ood_quantile < 1, "in [0, 1)"),
@@ -1208,7 +1209,8 @@ def main(args: Args) -> dict:
     if run_offline:
         q_thres = episode_q_threshold(offline_args.cost_limit, args.gamma, env.spec.max_episode_steps)
         actor_lr, critic_lr = OFFLINE_LRS[args.offline_algo]
-        lrs = (args.offline_actor_lr or actor_lr, args.offline_critic_lr or critic_lr)
+        lrs = tuple(lr if lr is not None else default for lr, default in
+                    ((args.offline_actor_lr, actor_lr), (args.offline_critic_lr, critic_lr)))
         if args.offline_algo == "cpq":
             agent = CPQ(obs_dim, act_dim, offline_args, q_thres, lrs=(*lrs, CPQ_VAE_LR, CPQ_ALPHA_C_LR)).to(device)
         else:  # safe_iql.py's Args: its own flags at their defaults

@@ -90,6 +90,7 @@ def test_offline_checkpoint_is_reused_and_checked(tmp_path, dataset_file):
         (["--offline-checkpoint", str(tmp_path / "cpq.pt"), "--no-pretrain"], "contradict"),
         (["--alpha-vpa", "0.01", "--alpha-c-vpa", "0.02"], "alpha-c-vpa"),
         (["--offline-steps", "0"], ">= 1"),
+        (["--offline-actor-lr", "0"], "--offline-actor-lr 0.0: must be > 0"),
         (["--offline-cost-limit", "-1"], "must be >= 0"),
         (["--env-id", "OfflineNoSuchTask-v0"], "no online defaults"),
         (["--dataset-path", str(tmp_path / "missing.hdf5")], "missing.hdf5"),
